@@ -1,0 +1,364 @@
+"""Decoding for `MoAIForCausalLM`: greedy, sampling and beam search over a static KV cache.
+
+The prompt is prefilled once (vision tower, compressor, mixer and PLoRA all run there); every later step feeds
+only the newest token, for which -- as in the released model -- neither the mixer nor PLoRA run. The
+attention mask grows by a one per step; rotary positions continue each row's own count.
+
+Logit processing follows the usual order: repetition penalty, then temperature, top-k and top-p. Beam search
+scores hypotheses by the sum of log-probabilities divided by (new tokens) ** length_penalty and stops early
+the way transformers' default beam search does (``early_stopping=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GenerationError
+from .internlm2 import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode. Defaults: greedy, 256 new tokens, stop at EOS."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> "GenerationSettings":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature <= 0:
+            raise GenerationError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.num_beams < 1:
+            raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise GenerationError("beam sampling is not supported: use num_beams=1 with do_sample=True, or do_sample=False")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_any(cls, config: Any = None, **overrides: Any) -> "GenerationSettings":
+        """Build from ``None``, our settings, a dict, or a transformers ``GenerationConfig``; then apply overrides."""
+        names = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        if isinstance(config, GenerationSettings):
+            values = config.to_dict()
+        elif isinstance(config, dict):
+            values = dict(config)
+        elif config is not None and hasattr(config, "to_dict"):  # transformers.GenerationConfig
+            raw = config.to_dict()
+            values = {k: raw[k] for k in names if k in raw and raw[k] is not None}
+            if raw.get("stop_strings"):
+                values["stop"] = list(raw["stop_strings"]) if not isinstance(raw["stop_strings"], str) else [raw["stop_strings"]]
+            if values.get("top_k") is None:
+                values.pop("top_k", None)
+        elif config is not None:
+            raise GenerationError(f"unsupported generation config type {type(config).__name__}")
+        unknown = set(overrides) - names
+        if unknown:
+            raise GenerationError(f"unknown generation options: {sorted(unknown)}; valid: {sorted(names)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - names
+        if unknown:
+            raise GenerationError(f"unknown generation options: {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**values).validate()
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences`` = prompt ids followed by the new ids (finished rows padded with ``pad_token_id``)."""
+
+    sequences: torch.Tensor
+    new_tokens: list[list[int]]
+    prompt_length: int
+    step_logits: list[torch.Tensor] | None = None
+    sequence_scores: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- processors
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``seen`` [B, V] bool: divide positive / multiply negative logits of already seen tokens by ``penalty``."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def warp_for_sampling(logits: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
+    if s.top_k > 0:
+        k = min(s.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cum <= (1 - s.top_p)
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def _eos_list(settings: GenerationSettings, default_eos: int) -> list[int]:
+    eos = settings.eos_token_id
+    if eos is None:
+        return [default_eos]
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+# ---------------------------------------------------------------------------------------------- main entry
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    aux_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    im_mask: torch.Tensor | None = None,
+    lang_mask: torch.Tensor | None = None,
+    *,
+    generation_config: Any = None,
+    return_dict: bool = False,
+    output_logits: bool = False,
+    decode: Callable[[list[int]], str] | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+    **kwargs: Any,
+):
+    """Generate new tokens for a batch of MoAI prompts.
+
+    Takes the forward's inputs (official keywords, or what :class:`~moai_sdk.MoAIProcessor` returns) plus
+    generation options (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+    ``num_beams``, ``length_penalty``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``stop``,
+    ``seed``) or a ``generation_config``. ``stop`` strings need ``decode`` (ids -> text).
+    ``streamer(ids)`` is called with each step's new token ids [B] (greedy / sampling only).
+
+    Returns the prompt ids followed by the new ids, or a :class:`GenerateOutput` with ``return_dict=True``.
+    """
+    import time
+
+    forward_keys = ("aux_attention_mask", "aux_input_ids", "panoptic_pixel_values", "image_features", "compressed_aux")
+    fwd_extra = {k: kwargs.pop(k) for k in forward_keys if k in kwargs}
+    for k in ("mode", "use_cache", "image_token_index", "num_image_tokens"):
+        kwargs.pop(k, None)
+    settings = GenerationSettings.from_any(generation_config, **kwargs)
+    if settings.stop and decode is None:
+        raise GenerationError("stop strings need a decode function (pass decode=tokenizer.decode)")
+    if pixel_values is None and fwd_extra.get("image_features") is None:
+        raise GenerationError("generate needs pixel_values (or image_features): MoAI always sees an image")
+
+    device = model.device
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device).long()
+    pad_id = settings.pad_token_id if settings.pad_token_id is not None else model.config.pad_token_id
+    eos_ids = torch.tensor(_eos_list(settings, model.config.eos_token_id), device=device)
+    vocab = model.config.vocab_size
+
+    generator = None
+    if settings.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+
+    n_image = model.config.structure.num_patches
+    capacity = t - 1 + n_image + settings.max_new_tokens
+    cache = KVCache.allocate(model.config, b, capacity, model.dtype, device)
+    t0 = time.perf_counter()
+    out = model(
+        input_ids, pixel_values, aux_embeds, attention_mask, im_mask, lang_mask, cache=cache, last_logits_only=True, **fwd_extra
+    )
+    logits = out.logits[:, -1].float()
+    mask = out.attention_mask
+    timings = {"prefill": time.perf_counter() - t0}
+
+    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+    if settings.repetition_penalty != 1.0:
+        valid = (attention_mask.bool()) & (input_ids < vocab) & (input_ids >= 0)
+        seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
+
+    t1 = time.perf_counter()
+    if settings.num_beams > 1:
+        result = _beam_search(model, settings, logits, mask, cache, seen, eos_ids, pad_id, b)
+        new, scores, step_logits = result[0], result[1], None
+    else:
+        new, step_logits = _sample_or_greedy(
+            model, settings, logits, mask, cache, seen, eos_ids, pad_id, generator, output_logits, decode, streamer
+        )
+        scores = None
+    timings["decode"] = time.perf_counter() - t1
+
+    width = max((len(r) for r in new), default=0)
+    seq_new = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    for i, row in enumerate(new):
+        if row:
+            seq_new[i, : len(row)] = torch.tensor(row, device=device)
+    sequences = torch.cat((input_ids, seq_new), dim=1)
+    if not return_dict:
+        return sequences
+    return GenerateOutput(
+        sequences=sequences, new_tokens=new, prompt_length=t, step_logits=step_logits, sequence_scores=scores, timings=timings
+    )
+
+
+def _hit_stop(decode, tokens: list[int], stops: Sequence[str]) -> bool:
+    text = decode(tokens)
+    return any(s in text for s in stops)
+
+
+def _sample_or_greedy(model, s, logits, mask, cache, seen, eos_ids, pad_id, generator, output_logits, decode, streamer):
+    b = logits.shape[0]
+    device = logits.device
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    rows: list[list[int]] = [[] for _ in range(b)]
+    step_logits: list[torch.Tensor] | None = [] if output_logits else None
+    for step in range(s.max_new_tokens):
+        if step_logits is not None:
+            step_logits.append(logits.clone())
+        scores = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+        if s.do_sample:
+            probs = warp_for_sampling(scores, s).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        if streamer is not None:
+            streamer(nxt)
+        seen[torch.arange(b, device=device), nxt] |= ~finished
+        host = nxt.tolist()
+        done_now = torch.isin(nxt, eos_ids) & ~finished
+        for i in range(b):
+            if not bool(finished[i]):
+                rows[i].append(host[i])
+                if s.stop and not bool(done_now[i]) and _hit_stop(decode, rows[i], s.stop):
+                    done_now[i] = True
+        finished |= done_now
+        if bool(finished.all()) or step == s.max_new_tokens - 1:
+            break
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_logits_only=True).logits[:, -1].float()
+    return rows, step_logits
+
+
+class _Hypotheses:
+    """Finished beam hypotheses of one sample (the best ``num_beams`` by length-normalised score)."""
+
+    def __init__(self, num_beams: int, length_penalty: float):
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.items: list[tuple[float, list[int]]] = []
+
+    def add(self, tokens: list[int], sum_logprobs: float) -> None:
+        score = sum_logprobs / (max(len(tokens), 1) ** self.length_penalty)
+        self.items.append((score, tokens))
+        self.items.sort(key=lambda x: x[0], reverse=True)
+        del self.items[self.num_beams :]
+
+    def worst(self) -> float:
+        return self.items[-1][0] if len(self.items) >= self.num_beams else float("-inf")
+
+    def is_done(self, best_running: float, cur_len: int) -> bool:
+        if len(self.items) < self.num_beams:
+            return False
+        return self.worst() >= best_running / (max(cur_len, 1) ** self.length_penalty)
+
+
+def _beam_search(model, s, logits, mask, cache, seen, eos_ids, pad_id, b):
+    nb = s.num_beams
+    device = logits.device
+    vocab = logits.shape[-1]
+    cache.repeat_interleave(nb)
+    mask = mask.repeat_interleave(nb, dim=0)
+    seen = seen.repeat_interleave(nb, dim=0)
+    logits = logits.repeat_interleave(nb, dim=0)
+    beam_scores = torch.zeros(b, nb, device=device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: only the first one expands at step 1
+    beam_scores = beam_scores.view(-1)
+    tokens: list[list[int]] = [[] for _ in range(b * nb)]
+    hyps = [_Hypotheses(nb, s.length_penalty) for _ in range(b)]
+    done = [False] * b
+    eos_set = set(eos_ids.tolist())
+    for step in range(s.max_new_tokens):
+        scores = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+        logp = F.log_softmax(scores, dim=-1) + beam_scores[:, None]
+        top_scores, top_idx = torch.topk(logp.view(b, nb * vocab), 2 * nb, dim=1)
+        beam_src = (top_idx // vocab).tolist()
+        tok = (top_idx % vocab).tolist()
+        top_scores_h = top_scores.tolist()
+        next_scores = torch.zeros(b, nb, device=device)
+        next_tokens = torch.full((b, nb), pad_id, dtype=torch.long, device=device)
+        next_src = torch.zeros(b, nb, dtype=torch.long, device=device)
+        cur_len = step + 1
+        for i in range(b):
+            if done[i]:
+                next_src[i] = torch.arange(nb, device=device) + i * nb
+                continue
+            k = 0
+            for rank in range(2 * nb):
+                src = i * nb + beam_src[i][rank]
+                t = tok[i][rank]
+                if t in eos_set:
+                    if rank >= nb:
+                        continue
+                    hyps[i].add(tokens[src] + [t], top_scores_h[i][rank])
+                else:
+                    next_scores[i, k] = top_scores_h[i][rank]
+                    next_tokens[i, k] = t
+                    next_src[i, k] = src
+                    k += 1
+                if k == nb:
+                    break
+            done[i] = hyps[i].is_done(float(next_scores[i].max()), cur_len)
+        if all(done) or step == s.max_new_tokens - 1:
+            # finalize: running beams become hypotheses
+            for i in range(b):
+                if done[i]:
+                    continue
+                for j in range(nb):
+                    src = int(next_src[i, j])
+                    hyps[i].add(tokens[src] + [int(next_tokens[i, j])], float(next_scores[i, j]))
+            break
+        src_flat = next_src.view(-1)
+        tokens = [tokens[int(src)] + [int(t)] for src, t in zip(src_flat.tolist(), next_tokens.view(-1).tolist())]
+        beam_scores = next_scores.view(-1)
+        cache.reorder(src_flat)
+        seen = seen.index_select(0, src_flat)
+        seen[torch.arange(b * nb, device=device), next_tokens.view(-1)] = True
+        mask = torch.cat((mask.index_select(0, src_flat), torch.ones_like(mask[:, :1])), dim=1)
+        logits = model(next_tokens.view(-1, 1), attention_mask=mask, cache=cache, last_logits_only=True).logits[:, -1].float()
+    best = [h.items[0][1] if h.items else [] for h in hyps]
+    best_scores = torch.tensor([h.items[0][0] if h.items else float("-inf") for h in hyps])
+    return best, best_scores
+
+
+__all__ = ["GenerationSettings", "GenerateOutput", "generate", "apply_repetition_penalty", "warp_for_sampling"]

@@ -1,0 +1,338 @@
+"""The InternLM2 decoder as MoAI uses it.
+
+RMSNorm, rotary position embeddings (none / linear / dynamic-NTK scaling), grouped-query attention through the
+fused ``wqkv`` projection in the official head-grouped layout, a SiLU-gated feed-forward (``w1``, ``w3``,
+``w2``), and PLoRA on every one of those linears: the main linear everywhere plus a low-rank branch added only
+at image-token positions. MoAI-Mixer layers run the mixer on the normed states right before ``wqkv``.
+
+Numerics follow the official implementation: RMSNorm variance in float32; RoPE tables computed in float32 and
+cast to the activation dtype; attention scores in the activation dtype with an additive mask holding the
+dtype's minimum; softmax in float32. Attention itself runs through
+:func:`torch.nn.functional.scaled_dot_product_attention`.
+
+Positions differ from the official code on purpose in one place: the official RoPE counts left padding (a
+padded row is rotated as if the pads were text), so a sample's answer depends on what it is batched with.
+We use each row's own positions (``cumsum(attention_mask) - 1``), which equals the official single-sample
+computation for every row of a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoAIConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with optional linear or dynamic-NTK scaling, evaluated at arbitrary positions.
+
+    Dynamic NTK scaling only changes the base when a sequence is longer than ``max_position_embeddings``
+    (as in the official code, where it never triggers for MoAI-sized prompts). Unlike the official class, the
+    enlarged base is not kept for later, shorter calls.
+    """
+
+    def __init__(self, dim: int, max_position_embeddings: int, base: float, scaling: dict | None = None):
+        super().__init__()
+        self.dim = dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = float(base)
+        self.scaling_type = None if scaling is None else scaling.get("type", scaling.get("rope_type"))
+        self.scaling_factor = 1.0 if scaling is None else float(scaling["factor"])
+        self.register_buffer("inv_freq", self._inv_freq(self.base), persistent=False)
+
+    def _inv_freq(self, base: float, device=None) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+
+    def reset_buffers(self) -> None:
+        """Recompute the (non-persistent) frequency buffer, e.g. after building on the meta device."""
+        device = self.inv_freq.device if self.inv_freq.device.type != "meta" else torch.device("cpu")
+        self.inv_freq = self._inv_freq(self.base, device)
+
+    def forward(self, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [B, 1, L, dim] for integer ``positions`` [B, L]; ``seq_len`` is the key length."""
+        inv_freq = self.inv_freq
+        if self.scaling_type == "dynamic" and seq_len > self.max_position_embeddings:
+            f = self.scaling_factor
+            base = self.base * ((f * seq_len / self.max_position_embeddings) - (f - 1)) ** (self.dim / (self.dim - 2))
+            inv_freq = self._inv_freq(base, positions.device)
+        t = positions.to(torch.float32)
+        if self.scaling_type == "linear":
+            t = t / self.scaling_factor
+        freqs = t[..., None] * inv_freq.to(positions.device)[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class PLoRALinear(nn.Module):
+    """``Plora_main(x)`` plus ``Plora_B(Plora_A(x)) * scaling`` at image positions only (official key names)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, alpha: float):
+        super().__init__()
+        self.Plora_A = nn.Linear(in_features, rank, bias=False)
+        self.Plora_B = nn.Linear(rank, out_features, bias=False)
+        self.Plora_main = nn.Linear(in_features, out_features, bias=bias)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None) -> torch.Tensor:
+        out = self.Plora_main(x)
+        if im_mask is None or not bool(im_mask.any()):
+            return out
+        lora = self.Plora_B(self.Plora_A(x)) * self.scaling
+        return out + lora.to(out.dtype) * im_mask[..., None].to(out.dtype)
+
+
+@dataclass
+class LayerCache:
+    """Pre-allocated keys/values of one layer: [B, kv_heads, capacity, head_dim]."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+class KVCache:
+    """A static key/value cache for all decoder layers, filled left to right."""
+
+    def __init__(self, layers: list[LayerCache], length: int = 0):
+        self.layers = layers
+        self.length = length
+
+    @classmethod
+    def allocate(cls, config: MoAIConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        layers = [
+            LayerCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        return cls(layers)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].key.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].key.shape[0]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search); ``index`` is a 1-D LongTensor of row indices."""
+        for layer in self.layers:
+            layer.key = layer.key.index_select(0, index)
+            layer.value = layer.value.index_select(0, index)
+
+    def repeat_interleave(self, n: int) -> None:
+        for layer in self.layers:
+            layer.key = layer.key.repeat_interleave(n, dim=0)
+            layer.value = layer.value.repeat_interleave(n, dim=0)
+
+
+class InternLM2Attention(nn.Module):
+    def __init__(self, config: MoAIConfig, mixer: nn.Module | None = None):
+        super().__init__()
+        s = config.structure
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.groups = config.num_key_value_groups
+        self.head_dim = config.head_dim
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.wqkv = PLoRALinear(config.hidden_size, qkv_out, config.bias, s.plora_rank, s.plora_alpha)
+        self.wo = PLoRALinear(self.num_heads * self.head_dim, config.hidden_size, config.bias, s.plora_rank, s.plora_alpha)
+        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        #: "sdpa" (default) or "eager" (the official matmul-softmax-matmul; the benchmark baseline).
+        self.attn_implementation = "sdpa"
+        # The mixer's experts and gates sit directly on this module under their official names
+        # (``attention.moai_CA_img_aux`` ...); ``self._mixer`` keeps the object that knows how to run them.
+        self._mixer = [mixer] if mixer is not None else []
+        if mixer is not None:
+            for name, child in mixer.named_children():
+                self.add_module(name, child)
+
+    @property
+    def mixer(self) -> nn.Module | None:
+        return self._mixer[0] if self._mixer else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        attn_bias: torch.Tensor | None,
+        im_mask: torch.Tensor | None,
+        lang_mask: torch.Tensor | None,
+        aux: torch.Tensor | None,
+        cache: LayerCache | None,
+        cache_start: int,
+        kv_length: int,
+    ) -> torch.Tensor:
+        if self.mixer is not None and aux is not None and im_mask is not None and lang_mask is not None:
+            hidden_states = self.mixer(hidden_states, im_mask, lang_mask, aux)
+
+        b, q_len, _ = hidden_states.shape
+        qkv = self.wqkv(hidden_states, im_mask)
+        # Official layout: for each kv head, its `groups` query heads, then its key, then its value.
+        qkv = qkv.view(b, q_len, self.num_kv_heads, self.groups + 2, self.head_dim)
+        q = qkv[:, :, :, : self.groups].reshape(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, -2].transpose(1, 2)
+        v = qkv[:, :, :, -1].transpose(1, 2)
+
+        cos, sin = self.rotary(positions, kv_length, q.dtype)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        if cache is not None:
+            end = cache_start + q_len
+            cache.key[:, :, cache_start:end] = k
+            cache.value[:, :, cache_start:end] = v
+            k = cache.key[:, :, :end]
+            v = cache.value[:, :, :end]
+
+        if self.attn_implementation == "eager":
+            out = eager_attention(q, k, v, attn_bias, self.groups)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, enable_gqa=self.groups > 1)
+        out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim)
+        return self.wo(out, im_mask)
+
+
+def eager_attention(q, k, v, attn_bias, groups: int) -> torch.Tensor:
+    """The official attention: scores / sqrt(d) + mask, softmax in float32, cast back, times values."""
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    if attn_bias is not None:
+        scores = scores + attn_bias
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class InternLM2MLP(nn.Module):
+    def __init__(self, config: MoAIConfig):
+        super().__init__()
+        s = config.structure
+        h, i = config.hidden_size, config.intermediate_size
+        self.w1 = PLoRALinear(h, i, False, s.plora_rank, s.plora_alpha)
+        self.w3 = PLoRALinear(h, i, False, s.plora_rank, s.plora_alpha)
+        self.w2 = PLoRALinear(i, h, False, s.plora_rank, s.plora_alpha)
+        if config.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
+
+    def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
+
+
+class InternLM2DecoderLayer(nn.Module):
+    def __init__(self, config: MoAIConfig, mixer: nn.Module | None = None):
+        super().__init__()
+        self.attention = InternLM2Attention(config, mixer)
+        self.feed_forward = InternLM2MLP(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, *, im_mask, **attn_kwargs) -> torch.Tensor:
+        h = hidden_states + self.attention(self.attention_norm(hidden_states), im_mask=im_mask, **attn_kwargs)
+        return h + self.feed_forward(self.ffn_norm(h), im_mask)
+
+
+class InternLM2Model(nn.Module):
+    """Token embeddings (vocabulary + the ``<image>`` row), decoder layers, final norm."""
+
+    def __init__(self, config: MoAIConfig, mixer_factory=None):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size + 1, config.hidden_size)
+        mixer_layers = set(config.mixer_layer_indices)
+        self.layers = nn.ModuleList(
+            InternLM2DecoderLayer(config, mixer_factory(config) if (mixer_factory and i in mixer_layers) else None)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        im_mask: torch.Tensor | None = None,
+        lang_mask: torch.Tensor | None = None,
+        aux: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder.
+
+        ``attention_mask`` is the 2-D key mask [B, past + L] (1 = attend); ``positions`` [B, L] the rotary
+        positions of the new tokens; ``cache`` (optional) receives the new keys/values after its current length.
+        """
+        b, q_len, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        kv_length = past + q_len
+        attn_bias = build_attention_bias(attention_mask, q_len, past, inputs_embeds.dtype)
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(
+                h,
+                im_mask=im_mask,
+                positions=positions,
+                attn_bias=attn_bias,
+                lang_mask=lang_mask,
+                aux=aux,
+                cache=cache.layers[i] if cache is not None else None,
+                cache_start=past,
+                kv_length=kv_length,
+            )
+        if cache is not None:
+            cache.length = kv_length
+        return self.norm(h)
+
+
+def build_attention_bias(attention_mask: torch.Tensor, q_len: int, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, q_len, past + q_len]: 0 where a query may attend, the dtype's minimum elsewhere."""
+    kv_len = past + q_len
+    if attention_mask.shape[-1] != kv_len:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_len}")
+    device = attention_mask.device
+    q_pos = torch.arange(past, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+__all__ = [
+    "RMSNorm",
+    "RotaryEmbedding",
+    "PLoRALinear",
+    "KVCache",
+    "InternLM2Attention",
+    "InternLM2MLP",
+    "InternLM2DecoderLayer",
+    "InternLM2Model",
+    "build_attention_bias",
+]
