@@ -1,10 +1,14 @@
-"""moai-sdk: an inference SDK for MoAI (Mixture of All Intelligence, arXiv 2403.07508)."""
+"""moai-sdk: an inference SDK for MoAI (Mixture of All Intelligence, arXiv 2403.07508).
+
+Public names are importable from here; heavy modules (torch models, transformers) load on first use.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .errors import (  # noqa: F401
+from .errors import (
     CheckpointError,
     ConfigError,
     DependencyError,
@@ -15,3 +19,75 @@ from .errors import (  # noqa: F401
     MoAIError,
     UnsafeCheckpointError,
 )
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    # model
+    "MoAIForCausalLM": "moai_sdk.modeling",
+    "MoAIConfig": "moai_sdk.modeling",
+    "GenerationSettings": "moai_sdk.modeling",
+    "GenerateOutput": "moai_sdk.modeling",
+    # text and images
+    "MoAITokenizer": "moai_sdk.tokenization",
+    "MoAIProcessor": "moai_sdk.processing",
+    "MoAIInputs": "moai_sdk.processing",
+    "build_prompt": "moai_sdk.prompts",
+    "SYSTEM_PROMPT": "moai_sdk.prompts",
+    # results and verbalization
+    "Box": "moai_sdk.results",
+    "Segment": "moai_sdk.results",
+    "Detection": "moai_sdk.results",
+    "Relation": "moai_sdk.results",
+    "TextLine": "moai_sdk.results",
+    "PerceptionResult": "moai_sdk.results",
+    "MoAIResult": "moai_sdk.results",
+    "verbalize": "moai_sdk.verbalize",
+    "verbalize_parts": "moai_sdk.verbalize",
+    # experts
+    "Expert": "moai_sdk.experts.base",
+    "register_expert": "moai_sdk.experts.base",
+    "create_expert": "moai_sdk.experts.base",
+    "available_experts": "moai_sdk.experts.base",
+    "Perception": "moai_sdk.experts.base",
+    # facade
+    "MoAIPipeline": "moai_sdk.pipeline",
+}
+
+__all__ = [
+    "__version__",
+    "MoAIError",
+    "ConfigError",
+    "CheckpointError",
+    "MissingKeysError",
+    "UnsafeCheckpointError",
+    "DependencyError",
+    "InputError",
+    "ExpertError",
+    "GenerationError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moai_sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .experts.base import Expert, Perception, available_experts, create_expert, register_expert
+    from .modeling import GenerateOutput, GenerationSettings, MoAIConfig, MoAIForCausalLM
+    from .pipeline import MoAIPipeline
+    from .processing import MoAIInputs, MoAIProcessor
+    from .prompts import SYSTEM_PROMPT, build_prompt
+    from .results import Box, Detection, MoAIResult, PerceptionResult, Relation, Segment, TextLine
+    from .tokenization import MoAITokenizer
+    from .verbalize import verbalize, verbalize_parts

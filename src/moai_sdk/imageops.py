@@ -25,11 +25,11 @@ ImageInput = Union["PIL.Image.Image", str, os.PathLike, bytes, np.ndarray, torch
 def _pil_to_array(img: Any) -> np.ndarray:
     """PIL image to HWC uint8 with 3 or 4 channels (alpha kept, like the official tensor conversion)."""
     if img.mode in ("RGB", "RGBA"):
-        arr = np.asarray(img)
+        arr = np.array(img)
     elif img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        arr = np.asarray(img.convert("RGBA"))
+        arr = np.array(img.convert("RGBA"))
     else:
-        arr = np.asarray(img.convert("RGB"))
+        arr = np.array(img.convert("RGB"))
     if arr.dtype != np.uint8:
         raise InputError(f"image has pixel type {arr.dtype}; convert it to 8-bit RGB first")
     return arr

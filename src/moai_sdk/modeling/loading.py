@@ -1,0 +1,544 @@
+"""Finding, checking and loading MoAI checkpoints (local directories and Hub repos), and saving them.
+
+* Files: a local directory or a Hub repo id through ``huggingface_hub`` (revision, cache_dir, token,
+  ``local_files_only`` and ``HF_HUB_OFFLINE``), fetching only ``config.json`` and the weight files.
+* Formats: a single or sharded safetensors checkpoint (with ``model.safetensors.index.json``); ``.bin`` only
+  through ``torch.load(weights_only=True)``. Remote code is never run.
+* Keys: the official names (``model.*``, ``output.weight``, ``vit.vision_tower.vision_model.*``,
+  ``vision_proj.*``, ``moai_compressor.*``). Every key is checked *before* any weight is read, so a bad
+  checkpoint raises :class:`~moai_sdk.MissingKeysError` listing the problem and leaves nothing half-loaded.
+* Memory: the model is built on the meta device and each tensor is cast, moved (and quantized) one at a time,
+  so loading 7B weights never holds two copies.
+* A checkpoint without vision weights gets ``openai/clip-vit-large-patch14-336`` with its position table
+  interpolated to 35 x 35; a checkpoint without the extra ``<image>`` embedding row gets one appended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, DependencyError, MissingKeysError, UnsafeCheckpointError
+from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig
+from .quantization import QUANTIZATION_MODES, quantize_linear_weight, replace_linears_for_quantization
+from .vision import interpolate_position_table
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+VISION_PREFIX = "vit.vision_tower.vision_model."
+POSITION_TABLE_KEY = VISION_PREFIX + "embeddings.position_embedding.weight"
+EMBED_KEY = "model.tok_embeddings.weight"
+#: Keys older checkpoints may hold that carry no weights (buffers); they are ignored.
+_BENIGN_UNEXPECTED_SUFFIXES = (".position_ids", ".inv_freq", ".cos_cached", ".sin_cached")
+
+
+# ---------------------------------------------------------------------------------------------- locating files
+@dataclass
+class CheckpointFiles:
+    source: str
+    directory: Path
+    config: dict[str, Any]
+    weight_files: list[Path]
+    format: str  # "safetensors" | "bin"
+    revision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _offline(local_files_only: bool) -> bool:
+    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_download(repo_id: str, filename: str, *, revision=None, cache_dir=None, token=None, local_files_only=False, repo_type=None) -> Path:
+    """``hf_hub_download`` with our errors. Raises ``FileNotFoundError`` when the file is not in the repo."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=_offline(local_files_only),
+                repo_type=repo_type,
+            )
+        )
+    except EntryNotFoundError as exc:
+        raise FileNotFoundError(filename) from exc
+    except LocalEntryNotFoundError as exc:
+        if _offline(local_files_only):
+            raise FileNotFoundError(filename) from exc
+        raise CheckpointError(
+            f"cannot download {filename!r} from {repo_id!r}: the Hub is unreachable and the file is not cached. "
+            "Check your network, or run `moai download` where the Hub is reachable and copy the cache."
+        ) from exc
+    except GatedRepoError as exc:
+        raise CheckpointError(f"{repo_id!r} is gated: accept its terms on the Hub and pass token=... (or `hf auth login`)") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"revision {revision!r} does not exist in {repo_id!r}") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(
+            f"{repo_id!r} is neither a local directory nor a Hub repository you can access "
+            "(check the spelling, or pass token=... for a private repo)"
+        ) from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _shards_from_index(index_path: Path) -> list[str]:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} has no 'weight_map'")
+    return sorted(set(weight_map.values()))
+
+
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> CheckpointFiles:
+    """Find ``config.json`` and the weight files of a checkpoint (downloading only what is needed)."""
+    source = str(path_or_repo_id)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        config_path = local / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(f"{local} has no {CONFIG_NAME}; is it a MoAI checkpoint directory?")
+        config = _read_json(config_path)
+        if (local / SAFE_INDEX).is_file():
+            return CheckpointFiles(source, local, config, [local / s for s in _shards_from_index(local / SAFE_INDEX)], "safetensors")
+        if (local / SAFE_WEIGHTS).is_file():
+            return CheckpointFiles(source, local, config, [local / SAFE_WEIGHTS], "safetensors")
+        if (local / BIN_INDEX).is_file():
+            return CheckpointFiles(source, local, config, [local / s for s in _shards_from_index(local / BIN_INDEX)], "bin")
+        if (local / BIN_WEIGHTS).is_file():
+            return CheckpointFiles(source, local, config, [local / BIN_WEIGHTS], "bin")
+        raise CheckpointError(f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
+    if local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise CheckpointError(f"{source!r} is not a directory; pass a checkpoint directory or a Hub repo id like 'BK-Lee/MoAI-7B'")
+
+    kw = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    try:
+        config_path = hub_download(source, CONFIG_NAME, **kw)
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"{CONFIG_NAME} of {source!r} is not available"
+            + (" in the local cache (offline mode): run `moai download` first" if _offline(local_files_only) else "")
+        ) from exc
+    config = _read_json(config_path)
+    for index_name, single_name, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"), (BIN_INDEX, BIN_WEIGHTS, "bin")):
+        try:
+            index_path = hub_download(source, index_name, **kw)
+        except FileNotFoundError:
+            index_path = None
+        if index_path is not None:
+            files = [hub_download(source, shard, **kw) for shard in _shards_from_index(index_path)]
+            return CheckpointFiles(source, config_path.parent, config, files, fmt, revision)
+        try:
+            return CheckpointFiles(source, config_path.parent, config, [hub_download(source, single_name, **kw)], fmt, revision)
+        except FileNotFoundError:
+            continue
+    raise CheckpointError(
+        f"no weights found for {source!r} (looked for {SAFE_INDEX}, {SAFE_WEIGHTS}, {BIN_INDEX}, {BIN_WEIGHTS}"
+        + (" in the local cache" if _offline(local_files_only) else "")
+        + ")"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- reading tensors
+class WeightReader:
+    """Lazy access to the tensors of one checkpoint, by key, without loading all of them."""
+
+    def __init__(self, files: CheckpointFiles):
+        self.files = files
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        for path in files.weight_files:
+            if not path.is_file():
+                raise CheckpointError(f"weight file missing: {path}")
+            if files.format == "safetensors":
+                for key, shape in self._safetensors_header(path).items():
+                    self._where[key] = path
+                    self._shapes[key] = shape
+            else:
+                for key, tensor in self._load_bin(path).items():
+                    self._where[key] = path
+                    self._shapes[key] = tuple(tensor.shape)
+
+    @staticmethod
+    def _safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"cannot read {path.name} as safetensors ({exc}); the file is truncated or corrupt - delete it and download again"
+            ) from exc
+
+    def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._bin_cache:
+            self._bin_cache[path] = load_bin_state_dict(path)
+        return self._bin_cache[path]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self._where[key]
+        if self.files.format == "bin":
+            return self._load_bin(path)[key]
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return fh.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from {path.name} ({exc}); the file is truncated or corrupt") from exc
+
+    def release(self) -> None:
+        self._bin_cache.clear()
+
+
+def load_bin_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a PyTorch ``.bin`` state dict safely (``weights_only=True``: no arbitrary code runs)."""
+    import pickle
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path} contains objects other than tensors and was not loaded (weights_only=True refused it): {exc}. "
+            "Convert it to safetensors with a trusted tool."
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({exc}); the file is truncated or corrupt") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- device / dtype
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"invalid device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(f"unsupported dtype {dtype}; use float32, float16, bfloat16 or 'auto'")
+        return dtype
+    if str(dtype).replace("torch.", "") in _DTYPES:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    raise ConfigError(f"unsupported dtype {dtype!r}; use 'float32', 'float16', 'bfloat16' or 'auto'")
+
+
+# ---------------------------------------------------------------------------------------------- key planning
+@dataclass
+class LoadPlan:
+    """Which checkpoint key fills which model key, decided before any tensor is read."""
+
+    mapping: dict[str, str]  # model key -> checkpoint key
+    load_vision_from_hub: bool
+    add_image_row: bool
+    interpolate_positions: bool
+
+
+def plan_load(model: nn.Module, reader: WeightReader, config: MoAIConfig) -> LoadPlan:
+    expected = list(model.state_dict().keys())
+    ckpt_keys = set(reader.keys())
+    vision_in_ckpt = any(k.startswith(VISION_PREFIX) for k in ckpt_keys)
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    for key in expected:
+        if key.endswith(_BENIGN_UNEXPECTED_SUFFIXES):
+            continue
+        if key in ckpt_keys:
+            mapping[key] = key
+        elif key.startswith(VISION_PREFIX) and not vision_in_ckpt:
+            continue  # the whole tower comes from the CLIP checkpoint
+        else:
+            missing.append(key)
+    unexpected = sorted(k for k in ckpt_keys - set(expected) if not k.endswith(_BENIGN_UNEXPECTED_SUFFIXES))
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} missing: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        raise MissingKeysError(
+            f"checkpoint {reader.files.source!r} does not match the MoAI model ({'; '.join(lines)}). "
+            "Is it a MoAI checkpoint with official key names, and does config.json describe it?",
+            missing=missing,
+            unexpected=unexpected,
+        )
+    rows = reader.shape(EMBED_KEY)[0]
+    if rows not in (config.vocab_size, config.vocab_size + 1):
+        raise CheckpointError(
+            f"{EMBED_KEY} has {rows} rows; expected vocab_size ({config.vocab_size}) or vocab_size + 1 (with <image>)"
+        )
+    for key, ck in mapping.items():
+        want = tuple(model.state_dict()[key].shape)
+        got = reader.shape(ck)
+        if key == EMBED_KEY or key == POSITION_TABLE_KEY:
+            continue
+        if want != got:
+            raise CheckpointError(f"shape mismatch for {key}: checkpoint {got}, model {want}; config.json does not describe this checkpoint")
+    interp = False
+    if vision_in_ckpt:
+        want = tuple(model.state_dict()[POSITION_TABLE_KEY].shape)
+        got = reader.shape(POSITION_TABLE_KEY)
+        s = config.structure
+        if got != want:
+            if got[0] == 1 + s.vision_pos_interp_from_grid**2 and want[0] == 1 + s.vision_pos_interp_to_grid**2:
+                interp = True
+            else:
+                raise CheckpointError(f"CLIP position table {got} cannot become {want}")
+    return LoadPlan(mapping, not vision_in_ckpt, rows == config.vocab_size, interp)
+
+
+# ---------------------------------------------------------------------------------------------- assigning tensors
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _prepare(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to(device)
+
+
+def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights of the CLIP vision tower from the Hub (its safetensors), position table interpolated."""
+    files = None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            files = (name, hub_download(vision_id, name, **hub_kwargs))
+            break
+        except FileNotFoundError:
+            continue
+    if files is None:
+        raise CheckpointError(f"the checkpoint has no vision weights and {vision_id!r} has none to load either")
+    name, path = files
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = load_bin_state_dict(path)
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_model."):
+            out[VISION_PREFIX + key[len("vision_model."):]] = value
+    if not out:
+        raise CheckpointError(f"{vision_id!r} holds no 'vision_model.*' weights")
+    s = config.structure
+    out[POSITION_TABLE_KEY] = interpolate_position_table(out[POSITION_TABLE_KEY], s.vision_pos_interp_from_grid, s.vision_pos_interp_to_grid)
+    return out
+
+
+def load_moai(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    quantization: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    vision_tower: str = DEFAULT_VISION_TOWER_ID,
+    attn_implementation: str = "sdpa",
+    progress: bool | None = None,
+):
+    """Load a MoAI checkpoint into :class:`~moai_sdk.modeling.MoAIForCausalLM`.
+
+    ``quantization``: ``None`` (all weights in ``dtype``), ``"nf4"`` (the LLM's main weights ``Plora_main`` in
+    4-bit NF4 with double quantization; vision, projector, LoRA branches, mixer, compressor, embeddings and
+    LM head stay in ``dtype``), ``"int8"`` (the same weights in LLM.int8), or ``"official"`` (what the official
+    loader's skip list quantizes: every linear whose name contains none of ``vision_tower, vision_proj,
+    Plora_main, moai, output`` -- in effect only the PLoRA adapters -- in NF4).
+    """
+    from .moai import MoAIForCausalLM
+
+    if quantization not in QUANTIZATION_MODES:
+        raise ConfigError(f"quantization must be one of {list(QUANTIZATION_MODES)}, got {quantization!r}")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if quantization is not None and dt == torch.float32 and dev.type == "cuda":
+        logger.info("quantized weights compute in float32 on CUDA; dtype='float16' is faster")
+
+    files = resolve_checkpoint(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    config = MoAIConfig.from_dict(files.config)
+    reader = WeightReader(files)
+
+    with torch.device("meta"):
+        model = MoAIForCausalLM(config)
+    plan = plan_load(model, reader, config)
+    quantized = replace_linears_for_quantization(model, quantization, compute_dtype=dt) if quantization else set()
+
+    hub_kwargs = dict(revision=None, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    vision_state = _vision_tower_from_hub(config, vision_tower, hub_kwargs) if plan.load_vision_from_hub else {}
+
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else len(plan.mapping) > 1000
+    items = list(plan.mapping.items()) + [(k, None) for k in vision_state]
+    for key, ck in tqdm(items, desc="Loading MoAI weights", unit="tensor", disable=not show):
+        tensor = vision_state[key] if ck is None else reader.get(ck)
+        if key == EMBED_KEY and plan.add_image_row:
+            # The official loader appends one row for "<image>"; its value is never used (the image replaces it).
+            tensor = torch.cat((tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype)), dim=0)
+        if key == POSITION_TABLE_KEY and plan.interpolate_positions:
+            s = config.structure
+            tensor = interpolate_position_table(tensor, s.vision_pos_interp_from_grid, s.vision_pos_interp_to_grid)
+        module_name = key.rpartition(".")[0]
+        if module_name in quantized and key.endswith(".weight"):
+            quantize_linear_weight(model.get_submodule(module_name), tensor, dt, dev)
+        else:
+            _set_tensor(model, key, _prepare(tensor, dt, dev))
+    reader.release()
+
+    model.reset_buffers()
+    for layer in model.model.layers:
+        layer.attention.attn_implementation = attn_implementation
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftovers:
+        raise CheckpointError(f"internal error: tensors left unloaded: {leftovers[:10]}")
+    model.eval()
+    model.requires_grad_(False)
+    model.load_info = {
+        "source": files.source,
+        "revision": revision,
+        "format": files.format,
+        "files": [str(p) for p in files.weight_files],
+        "dtype": str(dt).replace("torch.", ""),
+        "device": str(dev),
+        "quantization": quantization,
+        "quantized_modules": sorted(quantized),
+        "vision_from": vision_tower if plan.load_vision_from_hub else "checkpoint",
+        "added_image_row": plan.add_image_row,
+    }
+    logger.info("loaded MoAI from %s (%s, %s, quantization=%s)", files.source, dt, dev, quantization)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _iter_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shard and max_bytes is not None and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[key] = value
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def save_moai(model, directory: str | os.PathLike, *, max_shard_size: int | None = None, safe_serialization: bool = True) -> None:
+    """Write ``config.json`` and the weights with official key names (optionally sharded, or as ``.bin``)."""
+    if model.load_info.get("quantization"):
+        raise ConfigError("a quantized model cannot be saved; load it without quantization to save it")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.endswith(_BENIGN_UNEXPECTED_SUFFIXES)}
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    shards = list(_iter_shards(state, max_shard_size))
+    ext = "safetensors" if safe_serialization else "bin"
+    base = "model" if safe_serialization else "pytorch_model"
+    if len(shards) == 1:
+        names = [f"{base}.{ext}"]
+    else:
+        names = [f"{base}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / name)
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": weight_map}
+        (out / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+__all__ = [
+    "CheckpointFiles",
+    "resolve_checkpoint",
+    "load_moai",
+    "save_moai",
+    "load_bin_state_dict",
+    "resolve_device",
+    "resolve_dtype",
+    "hub_download",
+]

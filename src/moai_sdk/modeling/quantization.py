@@ -1,0 +1,82 @@
+"""Weight quantization with bitsandbytes: which linears, and how each weight is quantized while loading.
+
+Modes (``quantization=``):
+
+* ``None`` -- nothing is quantized.
+* ``"nf4"`` -- the LLM's main weights (every ``Plora_main`` linear: attention and feed-forward) in 4-bit NF4 with
+  double quantization and compute in the model dtype. Vision tower, projector, PLoRA branches, mixer,
+  compressor, embeddings and LM head stay in 16 bit. This is what makes MoAI-7B fit a consumer GPU.
+* ``"int8"`` -- the same weights in LLM.int8 (threshold 6.0).
+* ``"official"`` -- exactly the official loader's choice: NF4 for every linear whose dotted name contains none
+  of ``vision_tower``, ``vision_proj``, ``Plora_main``, ``moai``, ``output``. Because ``Plora_main`` is on that
+  skip list, only the PLoRA adapters end up quantized and the official "4-bit" model is in fact ~16-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import DependencyError
+
+QUANTIZATION_MODES = (None, "nf4", "int8", "official")
+OFFICIAL_SKIP_SUBSTRINGS = ("vision_tower", "vision_proj", "Plora_main", "moai", "output")
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+    except ImportError as exc:
+        raise DependencyError("quantization needs bitsandbytes and accelerate: pip install 'moai-sdk[quant]'") from exc
+    return bnb
+
+
+def select_linears(model: nn.Module, mode: str) -> list[str]:
+    """Dotted names of the ``nn.Linear`` modules that ``mode`` quantizes."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if mode in ("nf4", "int8"):
+        return [n for n in names if n.endswith("Plora_main")]
+    if mode == "official":
+        return [n for n in names if not any(s in n for s in OFFICIAL_SKIP_SUBSTRINGS)]
+    raise ValueError(mode)
+
+
+def replace_linears_for_quantization(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> set[str]:
+    """Swap the selected linears for bitsandbytes modules (on the meta device, before loading)."""
+    bnb = _bnb()
+    chosen = select_linears(model, mode)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old: nn.Linear = getattr(parent, child)
+        bias = old.bias is not None
+        if mode == "int8":
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta")
+        else:
+            new = bnb.nn.Linear4bit(
+                old.in_features, old.out_features, bias=bias, compute_dtype=compute_dtype,
+                compress_statistics=True, quant_type="nf4", device="meta",
+            )
+        new.moai_quant_mode = "int8" if mode == "int8" else "nf4"
+        setattr(parent, child, new)
+    return set(chosen)
+
+
+def quantize_linear_weight(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    """Quantize ``weight`` into the bitsandbytes ``module`` on ``device`` (one tensor at a time)."""
+    bnb = _bnb()
+    w = weight.to(dtype if dtype != torch.float32 else torch.float16).contiguous()
+    if getattr(module, "moai_quant_mode", "nf4") == "int8":
+        param = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    else:
+        param = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    module.weight = param.to(device)  # moving the parameter to its device quantizes it
+
+
+def quantized_module_names(model: nn.Module) -> dict[str, str]:
+    """``{dotted name: "nf4" | "int8"}`` for every bitsandbytes linear in ``model``."""
+    return {n: m.moai_quant_mode for n, m in model.named_modules() if hasattr(m, "moai_quant_mode")}
+
+
+__all__ = ["QUANTIZATION_MODES", "OFFICIAL_SKIP_SUBSTRINGS", "select_linears", "replace_linears_for_quantization",
+           "quantize_linear_weight", "quantized_module_names"]

@@ -1,0 +1,520 @@
+"""`MoAITokenizer`: the InternLM2 sentencepiece tokenizer as the official MoAI code uses it.
+
+The official code wraps ``tokenizer.model`` in a Hugging Face slow tokenizer, loads it with left padding and
+adds ``<image>`` as a special token. This module reproduces the ids that setup produces, with sentencepiece
+alone (no remote code):
+
+* a BOS id is prepended, no EOS is appended (both follow ``tokenizer_config.json`` when it says otherwise);
+* batches are padded on the left with the pad token ``</s>`` (id 2), attention mask 0 there;
+* ``<image>`` gets the first id after the sentencepiece pieces (``len(pieces)``);
+* special-token strings (``<image>``, ``<s>``, ``</s>``, ``<unk>``) written in the text are split out first
+  and every stretch of plain text between them is encoded by sentencepiece on its own, so each stretch gets
+  its own dummy-prefix space -- this is why ``"image. <image> USER:"`` ends in a lone ``▁`` before the image
+  and starts with ``▁ ▁USER`` after it;
+* the InternLM2 chat markers ``[UNUSED_TOKEN_145]`` / ``[UNUSED_TOKEN_146]`` are user-defined pieces of the
+  sentencepiece model and therefore always single tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, ConfigError, DependencyError, InputError
+from .prompts import IMAGE_TOKEN
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+#: Label value of positions that carry no token (dropped by :meth:`MoAITokenizer.decode`).
+IGNORE_INDEX = -100
+
+_CHAT_MARKER = re.compile(r"^\[UNUSED_TOKEN_\d+\]$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# locating files: a local folder or a Hugging Face Hub repository
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    *,
+    required: bool = True,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path | None:
+    """Path of ``filename`` inside a local model folder or a Hub repository (downloaded into the HF cache).
+
+    Returns ``None`` for a missing optional file (``required=False``); a missing required file, an unknown
+    repository or revision, or a failed download raise :class:`CheckpointError`.
+    """
+    source = os.fspath(path_or_repo_id)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        candidate = local / filename
+        if candidate.is_file():
+            return candidate
+        if required:
+            raise CheckpointError(f"{filename!r} not found in the model folder {str(local)!r}")
+        return None
+    if local.exists():
+        raise CheckpointError(f"{source!r} is a file; pass the folder that holds {filename!r} (or a Hub repo id)")
+    if not _REPO_ID.match(source) or source.count("/") > 1:
+        raise CheckpointError(
+            f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')"
+        )
+    return _hub_download(
+        source,
+        filename,
+        required=required,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+    )
+
+
+def _hub_download(
+    repo_id: str,
+    filename: str,
+    *,
+    required: bool,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    token: str | bool | None,
+    local_files_only: bool,
+) -> Path | None:
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as exc:  # pragma: no cover - huggingface-hub is a core dependency
+        raise DependencyError(
+            "loading from the Hugging Face Hub needs huggingface-hub: pip install huggingface-hub"
+        ) from exc
+
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        path = huggingface_hub.hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    except LocalEntryNotFoundError as exc:
+        if not required:
+            logger.debug("optional file %s of %s is not available offline: %s", filename, where, exc)
+            return None
+        raise CheckpointError(
+            f"{filename!r} of {where} is not in the local Hugging Face cache and could not be downloaded "
+            f"(offline, or local_files_only=True). Download it once with network access or pass a local folder."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(
+            f"Hub repository {where} not found or not accessible; check the id, or pass token= for a "
+            "private or gated repository"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"revision {revision!r} not found in the Hub repository {repo_id!r}") from exc
+    except EntryNotFoundError as exc:
+        if not required:
+            logger.debug("optional file %s not in %s", filename, where)
+            return None
+        raise CheckpointError(f"the Hub repository {where} has no file {filename!r}") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not fetch {filename!r} from {where}: {exc}") from exc
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _token_content(value: Any, default: str) -> str:
+    """A special-token entry of ``tokenizer_config.json``: a string or an ``{"content": ...}`` dict."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ConfigError(f"cannot read special token {value!r} from {TOKENIZER_CONFIG_FILE}")
+
+
+class MoAITokenizer:
+    """InternLM2 sentencepiece tokenizer with MoAI's ``<image>`` token, producing the official ids.
+
+    Build it with :meth:`from_pretrained` (a model folder or Hub repo) or directly from a ``tokenizer.model``
+    path. Calling it on a list of strings returns left-padded ``input_ids`` / ``attention_mask`` tensors.
+    """
+
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        *,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        unk_token: str = "<unk>",
+        pad_token: str = "</s>",
+        image_token: str = IMAGE_TOKEN,
+        image_token_id: int | None = None,
+    ) -> None:
+        try:
+            import sentencepiece as spm
+        except ImportError as exc:  # pragma: no cover - sentencepiece is a core dependency
+            raise DependencyError("the MoAI tokenizer needs sentencepiece: pip install sentencepiece") from exc
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer model file not found: {str(path)!r}")
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(path))
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{str(path)!r} is not a sentencepiece model: {exc}") from exc
+        self.model_file = path
+        self.add_bos_token = bool(add_bos_token)
+        self.add_eos_token = bool(add_eos_token)
+
+        n = self._sp.get_piece_size()
+        self._bos_id = self._sp.bos_id()
+        self._eos_id = self._sp.eos_id()
+        self._unk_id = self._sp.unk_id()
+        if self.add_bos_token and self._bos_id < 0:
+            raise ConfigError(f"{str(path)!r} defines no BOS piece but add_bos_token is set")
+        if self.add_eos_token and self._eos_id < 0:
+            raise ConfigError(f"{str(path)!r} defines no EOS piece but add_eos_token is set")
+        self._pad_id = self._piece_id_strict(pad_token, "pad_token")
+
+        # <image>: an existing piece keeps its id (as Hugging Face's add_tokens does), else it is appended.
+        existing = self._sp.piece_to_id(image_token)
+        in_vocab = existing != self._unk_id or image_token == self._sp.id_to_piece(self._unk_id)
+        if image_token_id is None:
+            image_token_id = existing if in_vocab else n
+        image_token_id = int(image_token_id)
+        if in_vocab and image_token_id != existing:
+            raise ConfigError(
+                f"{image_token!r} is piece {existing} of the sentencepiece model but id {image_token_id} was given"
+            )
+        if not in_vocab and image_token_id != n:
+            raise ConfigError(
+                f"{image_token!r} must get id {n} (the number of sentencepiece pieces); got {image_token_id}"
+            )
+        self.image_token = image_token
+        self._image_id = image_token_id
+        self._extra_pieces = 0 if in_vocab else 1
+
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        # Special strings split out of the text before sentencepiece sees it, longest first.
+        self._split_tokens: dict[str, int] = {image_token: image_token_id}
+        for content, tid in ((bos_token, self._bos_id), (eos_token, self._eos_id), (unk_token, self._unk_id)):
+            if tid >= 0 and content:
+                self._split_tokens.setdefault(content, tid)
+        alternatives = sorted(self._split_tokens, key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
+
+        self._chat_marker_ids = frozenset(
+            i for i in range(n) if _CHAT_MARKER.match(self._sp.id_to_piece(i))
+        )
+        self._skip_ids = frozenset(
+            {self._bos_id, self._eos_id, self._pad_id, self._unk_id, self._image_id} - {-1}
+        ) | self._chat_marker_ids
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        image_token_id: int | None = None,
+    ) -> "MoAITokenizer":
+        """Load ``tokenizer.model`` (and ``tokenizer_config.json`` if present) from a folder or a Hub repo.
+
+        ``image_token_id`` pins the id of ``<image>`` (it must still be the one the official code would give).
+        """
+        hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        model_file = resolve_model_file(path_or_repo_id, TOKENIZER_FILE, required=True, **hub)
+        config_file = resolve_model_file(path_or_repo_id, TOKENIZER_CONFIG_FILE, required=False, **hub)
+        kwargs = cls._read_config(config_file) if config_file is not None else {}
+        if image_token_id is not None:
+            kwargs["image_token_id"] = image_token_id
+        tok = cls(model_file, **kwargs)
+        logger.debug(
+            "loaded MoAI tokenizer from %s: %d pieces, <image> = %d", model_file, tok.vocab_size, tok.image_token_id
+        )
+        return tok
+
+    @staticmethod
+    def _read_config(path: Path) -> dict[str, Any]:
+        try:
+            cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {str(path)!r}: {exc}") from exc
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{str(path)!r} must hold a JSON object")
+        cls_name = cfg.get("tokenizer_class")
+        if cls_name not in (None, "MoAITokenizer", "InternLM2Tokenizer", "InternLMTokenizer"):
+            logger.warning("tokenizer_config.json names %r; reading it as the InternLM2/MoAI tokenizer", cls_name)
+        side = cfg.get("padding_side", "left")
+        if side != "left":
+            logger.info("tokenizer_config.json asks for %s padding; MoAI always pads on the left", side)
+        kwargs: dict[str, Any] = {
+            "add_bos_token": bool(cfg.get("add_bos_token", True)),
+            "add_eos_token": bool(cfg.get("add_eos_token", False)),
+            "bos_token": _token_content(cfg.get("bos_token"), "<s>"),
+            "eos_token": _token_content(cfg.get("eos_token"), "</s>"),
+            "unk_token": _token_content(cfg.get("unk_token"), "<unk>"),
+            "pad_token": _token_content(cfg.get("pad_token"), "</s>"),
+        }
+        # A tokenizer saved after add_tokens("<image>") records its id in added_tokens_decoder.
+        added = cfg.get("added_tokens_decoder") or {}
+        if isinstance(added, dict):
+            for key, entry in added.items():
+                if isinstance(entry, dict) and entry.get("content") == IMAGE_TOKEN:
+                    try:
+                        kwargs["image_token_id"] = int(key)
+                    except ValueError as exc:
+                        raise ConfigError(f"bad added token id {key!r} in {str(path)!r}") from exc
+        return kwargs
+
+    def _piece_id_strict(self, piece: str, what: str) -> int:
+        tid = self._sp.piece_to_id(piece)
+        if tid == self._unk_id and piece != self._sp.id_to_piece(self._unk_id):
+            raise ConfigError(f"{what} {piece!r} is not a piece of the sentencepiece model")
+        return tid
+
+    # ------------------------------------------------------------------ ids and sizes
+    @property
+    def bos_token_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def unk_token_id(self) -> int:
+        return self._unk_id
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of sentencepiece pieces (the LM head's rows; ``<image>`` has no logit)."""
+        return self._sp.get_piece_size()
+
+    def __len__(self) -> int:
+        """Number of ids the tokenizer can produce, ``<image>`` included (the embedding table's rows)."""
+        return self.vocab_size + self._extra_pieces
+
+    @property
+    def chat_marker_ids(self) -> frozenset[int]:
+        """Ids of the ``[UNUSED_TOKEN_*]`` pieces (InternLM2 chat markers)."""
+        return self._chat_marker_ids
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids dropped by ``decode(..., skip_special_tokens=True)``."""
+        return self._skip_ids
+
+    def __repr__(self) -> str:
+        return (
+            f"MoAITokenizer(model_file={str(self.model_file)!r}, pieces={self.vocab_size}, "
+            f"image_token_id={self.image_token_id}, add_bos_token={self.add_bos_token})"
+        )
+
+    # ------------------------------------------------------------------ encoding
+    def _segments(self, text: str) -> list[tuple[bool, str]]:
+        """Split ``text`` into (is_special, chunk) parts; empty plain chunks are dropped."""
+        if not isinstance(text, str):
+            raise InputError(f"the tokenizer takes str; got {type(text).__name__}")
+        out: list[tuple[bool, str]] = []
+        for i, chunk in enumerate(self._split_re.split(text)):
+            if i % 2:
+                out.append((True, chunk))
+            elif chunk:
+                out.append((False, chunk))
+        return out
+
+    def tokenize(self, text: str) -> list[str]:
+        """The pieces of ``text`` (no BOS), special tokens kept as their strings."""
+        pieces: list[str] = []
+        for special, chunk in self._segments(text):
+            if special:
+                pieces.append(chunk)
+            else:
+                pieces.extend(self._sp.encode(chunk, out_type=str))
+        return pieces
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Ids of one string: BOS (unless ``add_bos=False``) + text ids (+ EOS only if the config asks)."""
+        ids: list[int] = []
+        if self.add_bos_token if add_bos is None else add_bos:
+            if self._bos_id < 0:
+                raise ConfigError("this sentencepiece model has no BOS piece; call with add_bos=False")
+            ids.append(self._bos_id)
+        for special, chunk in self._segments(text):
+            if special:
+                ids.append(self._split_tokens[chunk])
+            else:
+                ids.extend(self._sp.encode(chunk))
+        if self.add_eos_token:
+            ids.append(self._eos_id)
+        return ids
+
+    def pad(self, sequences: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad id lists with the pad id: ``input_ids`` and ``attention_mask``, both int64 [B, T]."""
+        if len(sequences) == 0:
+            raise InputError("nothing to pad: the batch is empty")
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if len(seq):
+                input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+                attention_mask[row, width - len(seq):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __call__(
+        self, texts: str | Sequence[str], add_bos: bool | None = None, padding: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize a string or a batch of strings into left-padded int64 tensors.
+
+        Returns ``{"input_ids": [B, T], "attention_mask": [B, T]}``. With ``padding=False`` all rows must
+        have the same length.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            raise InputError("the tokenizer takes a str or a list of str")
+        seqs = [self.encode(t, add_bos=add_bos) for t in texts]
+        if not padding and len({len(s) for s in seqs}) > 1:
+            lengths = sorted({len(s) for s in seqs})
+            raise InputError(f"rows have different lengths {lengths}; call with padding=True")
+        return self.pad(seqs)
+
+    # ------------------------------------------------------------------ ids <-> pieces
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
+        """Piece strings of ids (``<image>`` included)."""
+        if isinstance(ids, (int, np.integer)):
+            return self._id_to_piece(int(ids))
+        return [self._id_to_piece(i) for i in self._as_id_list(ids)]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
+        """Ids of piece strings; unknown pieces map to the unk id."""
+        if isinstance(tokens, str):
+            return self._piece_to_id(tokens)
+        return [self._piece_to_id(t) for t in tokens]
+
+    def _id_to_piece(self, tid: int) -> str:
+        if tid == self._image_id:
+            return self.image_token
+        if not 0 <= tid < self.vocab_size:
+            raise InputError(f"token id {tid} is outside the vocabulary (0..{len(self) - 1})")
+        return self._sp.id_to_piece(tid)
+
+    def _piece_to_id(self, piece: str) -> int:
+        if piece == self.image_token:
+            return self._image_id
+        return self._sp.piece_to_id(piece)
+
+    @staticmethod
+    def _as_id_list(ids: Any) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim > 1:
+                raise InputError(f"expected a 1-D sequence of ids; got a tensor of shape {tuple(ids.shape)}")
+            return [int(i) for i in ids.tolist()]
+        if isinstance(ids, np.ndarray):
+            if ids.ndim > 1:
+                raise InputError(f"expected a 1-D sequence of ids; got an array of shape {ids.shape}")
+            return [int(i) for i in ids.tolist()]
+        if isinstance(ids, (int, np.integer)):
+            return [int(ids)]
+        try:
+            return [int(i) for i in ids]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"expected a sequence of integer token ids; got {type(ids).__name__}") from exc
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, ids: Any, skip_special_tokens: bool = True, *, keep_chat_markers: bool = False) -> str:
+        """Text of a sequence of ids.
+
+        ``-100`` (the official generation's pad value) is always dropped. With ``skip_special_tokens`` the
+        BOS/EOS/pad/unk ids, ``<image>`` and the ``[UNUSED_TOKEN_*]`` chat markers are dropped and the rest is
+        decoded as one piece of text, exactly as the official tokenizer does -- except that the official one
+        prints the chat markers; ``keep_chat_markers=True`` keeps them for identical text. Without
+        ``skip_special_tokens``, special tokens are written as their strings, so
+        ``decode(encode(text), skip_special_tokens=False) == "<s>" + text`` for any text sentencepiece can
+        represent (the official slow tokenizer adds stray spaces around special tokens there).
+        """
+        id_list = [i for i in self._as_id_list(ids) if i != IGNORE_INDEX]
+        for tid in id_list:
+            if tid != self._image_id and not 0 <= tid < self.vocab_size:
+                raise InputError(f"token id {tid} is outside the vocabulary (0..{len(self) - 1})")
+        if skip_special_tokens:
+            skip = self._skip_ids - self._chat_marker_ids if keep_chat_markers else self._skip_ids
+            return self._sp.decode([i for i in id_list if i not in skip])
+        literal = {self._bos_id, self._eos_id, self._pad_id, self._unk_id, self._image_id}
+        parts: list[str] = []
+        run: list[int] = []
+        for tid in id_list:
+            if tid in literal:
+                if run:
+                    parts.append(self._sp.decode(run))
+                    run = []
+                parts.append(self._id_to_piece(tid))
+            else:
+                run.append(tid)
+        if run:
+            parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def batch_decode(
+        self, sequences: Any, skip_special_tokens: bool = True, *, keep_chat_markers: bool = False
+    ) -> list[str]:
+        """:meth:`decode` for each row of a 2-D tensor/array or a list of id lists."""
+        if isinstance(sequences, (torch.Tensor, np.ndarray)):
+            if sequences.ndim != 2:
+                raise InputError(f"batch_decode expects a 2-D batch of ids; got shape {tuple(sequences.shape)}")
+            sequences = sequences.tolist()
+        return [
+            self.decode(row, skip_special_tokens=skip_special_tokens, keep_chat_markers=keep_chat_markers)
+            for row in sequences
+        ]
+
+
+__all__ = ["MoAITokenizer", "resolve_model_file", "IGNORE_INDEX", "TOKENIZER_FILE", "TOKENIZER_CONFIG_FILE"]

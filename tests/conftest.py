@@ -1,0 +1,73 @@
+"""Shared test fixtures: the moai-tiny oracle checkpoint and its reference cases."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "moai-tiny"
+
+# Keep the numerics of the oracle (2 threads, fp32 on CPU) and keep tests off the network.
+torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative error ||actual - expected|| / ||expected|| (Frobenius norm, in float64)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((a - e).norm() / e.norm())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def cases_meta() -> dict:
+    return {c["name"]: c for c in json.loads((TINY / "cases.json").read_text())["cases"]}
+
+
+@pytest.fixture(scope="session")
+def cases() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(TINY / "cases.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from moai_sdk.modeling import MoAIForCausalLM
+
+    return MoAIForCausalLM.from_pretrained(TINY, device="cpu", dtype="float32")
+
+
+def official_pixel_values(case: dict, key: str = "image_files") -> torch.Tensor:
+    """The official normalisation of the stored 490x490 images (float32, 0-255 mean/std)."""
+    from PIL import Image
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) * 255
+    imgs = [torch.from_numpy(np.array(Image.open(TINY / f)))[..., :3].permute(2, 0, 1).float() for f in case[key]]
+    return (torch.stack(imgs) - mean) / std
+
+
+def official_inputs(name: str, cases: dict, meta: dict) -> dict[str, torch.Tensor]:
+    """The official keyword inputs of a fixture case."""
+    return {
+        "input_ids": cases[f"{name}.input_ids"],
+        "pixel_values": official_pixel_values(meta[name]),
+        "aux_embeds": cases[f"{name}.aux_embeds"],
+        "attention_mask": cases[f"{name}.attention_mask"],
+        "im_mask": cases[f"{name}.im_mask"].bool(),
+        "lang_mask": cases[f"{name}.lang_mask"].bool(),
+    }
+
+
+CASE_NAMES = ["a_demo_full", "b_eval_template", "c_raw640x480_empty"]
