@@ -239,9 +239,10 @@ class WeightReader:
 def load_bin_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a PyTorch ``.bin`` state dict safely (``weights_only=True``: no arbitrary code runs)."""
     import pickle
+    import zipfile
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path} contains objects other than tensors and was not loaded (weights_only=True refused it): {exc}. "

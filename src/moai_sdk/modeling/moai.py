@@ -127,7 +127,7 @@ class MoAIForCausalLM(nn.Module):
         return aux, mask
 
     def compress(self, aux_embeds: torch.Tensor, aux_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.moai_compressor(aux_embeds.to(self.device), aux_mask)
+        return self.moai_compressor(aux_embeds.to(self.device, self.moai_compressor.latents.dtype), aux_mask)
 
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor, attention_mask: torch.Tensor

@@ -57,6 +57,9 @@ def replace_linears_for_quantization(model: nn.Module, mode: str, compute_dtype:
                 old.in_features, old.out_features, bias=bias, compute_dtype=compute_dtype,
                 compress_statistics=True, quant_type="nf4", device="meta",
             )
+        if mode != "int8" and hasattr(new, "support_avx512bf16_for_cpu") and (old.in_features % 64 or old.out_features % 32):
+            # bitsandbytes' CPU weight repacking assumes whole 64-wide blocks; keep the generic kernel otherwise
+            new.support_avx512bf16_for_cpu = False
         new.moai_quant_mode = "int8" if mode == "int8" else "nf4"
         setattr(parent, child, new)
     return set(chosen)
