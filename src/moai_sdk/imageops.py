@@ -77,6 +77,8 @@ def load_image_chw(image: ImageInput) -> torch.Tensor:
             raise InputError(f"numpy images must be uint8 (0-255); got {arr.dtype}. Use (x * 255).astype(np.uint8)")
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
+        if not arr.flags.writeable:
+            arr = arr.copy()
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()

@@ -1,0 +1,611 @@
+"""The ``moai`` command line: ``run``, ``perceive``, ``download``, ``info`` and ``demo``.
+
+* ``moai run IMAGE PROMPT`` -- answer a question about an image (``--json`` for the full typed result,
+  ``--stream`` to print the answer while it is generated, ``--plot`` for the perception picture);
+* ``moai perceive IMAGE`` -- run the perception experts only (``--json``, ``--plot``);
+* ``moai download [MODEL]`` -- fetch the model and every configured expert's weights into the Hugging Face cache;
+* ``moai info`` -- versions, CUDA / bitsandbytes availability, registered experts and what is cached;
+* ``moai demo`` -- the whole pipeline offline on a tiny random MoAI plus the real offline OCR.
+
+Errors print one line (``moai: error: ...``) on stderr and exit with status 1 (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional, Sequence
+
+from .errors import ConfigError, InputError, MoAIError
+
+logger = logging.getLogger(__name__)
+
+PROG = "moai"
+
+#: Files of a MoAI checkpoint repository that loading needs (weights fall back to ``.bin`` when a repo has no
+#: safetensors).
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+MODEL_BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+#: Files of a transformers expert repository (Mask2Former, OWLv2): configs, processor files, weights.
+EXPERT_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
+EXPERT_BIN_PATTERNS = ("pytorch_model*.bin",)
+#: Experts loaded with transformers ``from_pretrained`` from a Hub repository.
+_TRANSFORMERS_EXPERTS = frozenset({"mask2former", "owlv2"})
+#: Experts whose models ship inside their Python package.
+_BUNDLED_EXPERTS = frozenset({"rapidocr"})
+
+# Packages reported by ``moai info`` (distribution names).
+_PACKAGES = (
+    "moai-sdk", "torch", "torchvision", "transformers", "huggingface-hub", "safetensors", "tokenizers",
+    "sentencepiece", "pydantic", "numpy", "pillow", "bitsandbytes", "accelerate", "rapidocr-onnxruntime",
+    "onnxruntime", "opencv-python-headless", "opencv-python", "ultralytics", "paddleocr", "paddlepaddle",
+    "fastapi",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument parsing
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``moai: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hub id or local checkpoint folder (default: BK-Lee/MoAI-7B)")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "official", "none"],
+                   help="weight quantization (needs CUDA; ignored on CPU). Default: nf4")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def _add_hub_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    p.add_argument("--local-files-only", action="store_true", help="never download; use cached files only")
+    p.add_argument("--token", default=None, help="Hugging Face token for private or gated repositories")
+
+
+def _add_experts_option(p: argparse.ArgumentParser, default: str = "default") -> None:
+    p.add_argument(
+        "--experts", default=default,
+        help="'default' (mask2former, owlv2, psgtr, rapidocr), 'none', a comma list of names with optional "
+             "model ids (mask2former=/path,rapidocr) or a JSON object by task",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moai`` argument parser."""
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="MoAI (Mixture of All Intelligence) from the command line.")
+    parser.add_argument("--version", action="version", version=f"moai-sdk {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="answer a question about an image")
+    run.add_argument("image", help="image file")
+    run.add_argument("prompt", help="the question")
+    _add_model_options(run)
+    _add_hub_options(run)
+    _add_experts_option(run)
+    run.add_argument("--template", default="chat", choices=["chat", "demo"])
+    run.add_argument("--max-new-tokens", type=int, default=None)
+    run.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--temperature", type=float, default=None)
+    run.add_argument("--top-p", type=float, default=None)
+    run.add_argument("--top-k", type=int, default=None)
+    run.add_argument("--num-beams", type=int, default=None)
+    run.add_argument("--repetition-penalty", type=float, default=None)
+    run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--json", action="store_true", help="print the whole MoAIResult as JSON")
+    run.add_argument("--stream", action="store_true", help="print the answer while it is generated")
+    run.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
+
+    perceive = sub.add_parser("perceive", help="run the perception experts on an image")
+    perceive.add_argument("image", help="image file")
+    _add_experts_option(perceive)
+    _add_hub_options(perceive)
+    perceive.add_argument("--json", action="store_true", help="print the PerceptionResult as JSON")
+    perceive.add_argument("--include-masks", action="store_true", help="with --json: include masks (COCO RLE)")
+    perceive.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
+
+    download = sub.add_parser("download", help="prefetch the model and the experts' weights")
+    download.add_argument("model", nargs="?", default=None, help="Hub id (default: BK-Lee/MoAI-7B)")
+    download.add_argument("--revision", default=None)
+    download.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    download.add_argument("--token", default=None)
+    _add_experts_option(download)
+    download.add_argument("--dry-run", action="store_true", help="list what would be fetched, fetch nothing")
+    download.add_argument("--json", action="store_true", help="print the plan / outcome as JSON")
+
+    info = sub.add_parser("info", help="versions, CUDA and bitsandbytes, registered experts, cached models")
+    info.add_argument("--cache-dir", default=None, help="Hugging Face cache folder to inspect")
+    info.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="the full pipeline offline on a tiny random MoAI (random answer)")
+    demo.add_argument("--json", action="store_true", help="print the MoAIResult as JSON")
+    demo.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
+    demo.add_argument("--prompt", default="What is written in the image?")
+    demo.add_argument("--image", default=None, help="use this image instead of the generated one")
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--workdir", default=None, help="where to build the tiny model (default: a temporary folder)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_experts(text: Optional[str]) -> Any:
+    """The ``--experts`` value as an ``experts=`` specification.
+
+    ``default`` -> ``"default"``; ``none`` / empty -> ``None``; ``{...}`` -> the JSON object; otherwise a comma
+    list of ``name`` or ``name=model_id`` items.
+    """
+    if text is None:
+        return "default"
+    value = text.strip()
+    if value.lower() == "default":
+        return "default"
+    if value.lower() in ("", "none", "off"):
+        return None
+    if value.startswith("{"):
+        try:
+            spec = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--experts is not valid JSON: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise InputError("--experts JSON must be an object keyed by task or expert name")
+        return spec
+    items: list[Any] = []
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, model_id = item.partition("=")
+        if sep:
+            if not name.strip() or not model_id.strip():
+                raise InputError(f"--experts item {item!r} must be NAME or NAME=MODEL_ID")
+            items.append({"name": name.strip(), "model_id": model_id.strip()})
+        else:
+            items.append(name)
+    return items or None
+
+
+def _check_image(path: str) -> str:
+    if not Path(path).is_file():
+        raise InputError(f"image file not found: {path!r}")
+    return path
+
+
+def _pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
+    from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
+
+    kwargs: dict[str, Any] = dict(
+        device=args.device, cache_dir=args.cache_dir, local_files_only=args.local_files_only, token=args.token,
+        experts=parse_experts(args.experts),
+    )
+    if with_model:
+        kwargs.update(
+            revision=args.revision, dtype=args.dtype,
+            quantization=None if args.quantization == "none" else args.quantization, template=args.template,
+        )
+        model = args.model or DEFAULT_MODEL_ID
+    else:
+        kwargs["quantization"] = None
+        model = DEFAULT_MODEL_ID
+    return MoAIPipeline.from_pretrained(model, **kwargs)
+
+
+def _write(text: str, stream: Any = None) -> None:
+    out = stream or sys.stdout
+    out.write(text)
+    out.flush()
+
+
+def _summary(result: Any) -> str:
+    """A readable multi-line view of a MoAIResult."""
+    lines = [
+        f"prompt:  {result.prompt}",
+        f"answer:  {result.text}",
+        f"aux:     {result.aux_text!r}",
+        "tokens:  " + ", ".join(f"{k}={v}" for k, v in result.token_counts.items()),
+        "timings: " + ", ".join(f"{k}={v:.3f}s" for k, v in result.timings.items()),
+        f"model:   {result.model_id}" + (f"@{result.revision}" if result.revision else ""),
+    ]
+    if result.perception is not None:
+        p = result.perception
+        lines.append(
+            f"found:   {len(p.segments)} segments, {len(p.detections)} detections, {len(p.relations)} relations, "
+            f"{len(p.text_lines)} text lines"
+        )
+        lines.extend(f"warning: {w}" for w in p.warnings)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_image(args.image)
+    pipe = _pipeline_from_args(args, with_model=True)
+    options = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=True if args.do_sample else None,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+    )
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.stream:
+        piece_stream = sys.stderr if args.json else sys.stdout
+        result = None
+        for item in pipe.stream(args.image, args.prompt, **options):
+            if isinstance(item, str):
+                _write(item, piece_stream)
+            else:
+                result = item
+        _write("\n", piece_stream)
+    else:
+        result = pipe(args.image, args.prompt, **options)
+    if args.json:
+        _write(result.to_json() + "\n")
+    elif not args.stream:
+        _write(result.text + "\n")
+    if args.plot:
+        result.save(args.plot)
+        logger.info("wrote %s", args.plot)
+    return 0
+
+
+def cmd_perceive(args: argparse.Namespace) -> int:
+    _check_image(args.image)
+    spec = parse_experts(args.experts)
+    if spec is None:
+        raise InputError("moai perceive needs at least one expert; --experts none leaves nothing to run")
+    pipe = _pipeline_from_args(args, with_model=False)
+    result = pipe.perceive(args.image)
+    if args.json:
+        _write(result.to_json(args.include_masks) + "\n")
+    else:
+        lines = [f"{task}: {pipe.experts[task].name}" for task in result.tasks if task in pipe.experts]
+        for seg in result.segments:
+            lines.append(f"segment  {seg.label} score={seg.score:.2f} box={[round(v, 1) for v in seg.box.xyxy]}")
+        for det in result.detections:
+            lines.append(f"detect   {det.label} score={det.score:.2f} box={[round(v, 1) for v in det.box.xyxy]}")
+        for rel in result.relations:
+            lines.append(f"relation {rel.subject_label} {rel.predicate} {rel.object_label} score={rel.score:.2f}")
+        for line in result.text_lines:
+            lines.append(f"text     {line.text!r} confidence={line.confidence:.2f}")
+        lines.append(f"verbalization: {pipe.verbalize(result)!r}")
+        lines.extend(f"warning: {w}" for w in result.warnings)
+        _write("\n".join(lines) + "\n")
+    if args.plot:
+        result.save(args.plot)
+    return 0
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _checkpoint_has_vision(folder: Path) -> bool:
+    """Whether the downloaded MoAI checkpoint in ``folder`` carries the CLIP tower weights."""
+    from .modeling.loading import VISION_PREFIX, WeightReader, resolve_checkpoint
+
+    reader = WeightReader(resolve_checkpoint(folder))
+    try:
+        return any(k.startswith(VISION_PREFIX) for k in reader.keys())
+    finally:
+        reader.release()
+
+
+def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -> list[dict[str, Any]]:
+    """What ``moai download`` fetches: one entry per component with its repository and file patterns."""
+    from .modeling.config import DEFAULT_VISION_TOWER_ID
+    from .pipeline import resolve_experts
+
+    plan: list[dict[str, Any]] = [
+        {"component": "model", "repo_id": model, "revision": revision, "method": "snapshot",
+         "allow_patterns": list(MODEL_FILE_PATTERNS), "fallback_patterns": list(MODEL_BIN_PATTERNS)},
+        {"component": "vision_tower", "repo_id": DEFAULT_VISION_TOWER_ID, "revision": None, "method": "file",
+         "filenames": ["model.safetensors", "pytorch_model.bin"], "when": "the checkpoint has no vision weights"},
+    ]
+    for task, exp in resolve_experts(experts, device="cpu").items():
+        entry: dict[str, Any] = {"component": f"expert.{exp.name}", "task": task, "repo_id": exp.model_id,
+                                 "revision": exp.revision}
+        mid = exp.model_id
+        if exp.name in _BUNDLED_EXPERTS and mid is None:
+            entry["method"] = "bundled"
+        elif mid is not None and Path(str(mid)).expanduser().exists():
+            entry["method"] = "local"
+        elif exp.name in _TRANSFORMERS_EXPERTS and isinstance(mid, str) and mid.count("/") == 1:
+            entry.update(method="snapshot", allow_patterns=list(EXPERT_FILE_PATTERNS),
+                         fallback_patterns=list(EXPERT_BIN_PATTERNS))
+        elif isinstance(mid, str) and mid.count("/") == 1 and exp.settings.get("filename"):
+            # one weight file of a Hub repository (PSGTR: a file of the official Space)
+            entry.update(method="file", filenames=[exp.settings["filename"]],
+                         repo_type=exp.settings.get("repo_type"))
+        else:
+            entry["method"] = "load"  # the backend fetches its own files when the expert loads
+        plan.append(entry)
+    return plan
+
+
+def _snapshot(entry: dict[str, Any], hub: dict[str, Any]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(entry["repo_id"], revision=entry.get("revision"),
+                                    allow_patterns=entry["allow_patterns"], **hub))
+    if not _has_safetensors(folder) and entry.get("fallback_patterns"):
+        logger.info("%s has no safetensors weights; fetching the .bin files", entry["repo_id"])
+        folder = Path(snapshot_download(entry["repo_id"], revision=entry.get("revision"),
+                                        allow_patterns=entry["fallback_patterns"], **hub))
+    return folder
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .pipeline import DEFAULT_MODEL_ID, resolve_experts
+
+    model = args.model or DEFAULT_MODEL_ID
+    if Path(model).expanduser().exists():
+        raise InputError(f"{model!r} is a local folder; moai download fetches Hub repositories")
+    experts = parse_experts(args.experts)
+    plan = download_plan(model, experts, revision=args.revision)
+    if args.dry_run:
+        if args.json:
+            _write(json.dumps({"plan": plan}, indent=2) + "\n")
+        else:
+            for entry in plan:
+                what = entry.get("allow_patterns") or entry.get("filenames") or ""
+                _write(f"{entry['component']}: {entry['method']} {entry['repo_id'] or ''} {what}\n")
+        return 0
+
+    hub: dict[str, Any] = {}
+    if args.cache_dir:
+        hub["cache_dir"] = args.cache_dir
+    if args.token:
+        hub["token"] = args.token
+    done: list[dict[str, Any]] = []
+    expert_objects = resolve_experts(experts, device="cpu", **hub)
+    by_component = {f"expert.{e.name}": e for e in expert_objects.values()}
+    model_folder: Optional[Path] = None
+    for entry in plan:
+        component, method = entry["component"], entry["method"]
+        status: dict[str, Any] = {"component": component, "method": method, "repo_id": entry.get("repo_id")}
+        try:
+            if method == "snapshot":
+                folder = _snapshot(entry, hub)
+                status["path"] = str(folder)
+                if component == "model":
+                    model_folder = folder
+            elif component == "vision_tower":
+                if model_folder is not None and _checkpoint_has_vision(model_folder):
+                    status["method"] = "skipped"
+                    status["reason"] = "the checkpoint holds the vision weights"
+                else:
+                    status["path"] = str(_fetch_first_file(entry, hub))
+            elif method == "file":
+                status["path"] = str(_fetch_first_file(entry, hub))
+            elif method == "load":
+                exp = by_component[component]
+                exp.load("cpu")
+                exp.unload()
+            # "bundled" and "local": nothing to fetch
+        except MoAIError:
+            raise
+        except Exception as exc:  # huggingface_hub raises many unrelated types; report which component failed
+            raise MoAIError(
+                f"downloading {component} ({entry.get('repo_id')}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        done.append(status)
+        if not args.json:
+            where = status.get("path") or status.get("reason") or method
+            _write(f"{component}: {where}\n")
+    if args.json:
+        _write(json.dumps({"downloaded": done}, indent=2) + "\n")
+    return 0
+
+
+def _fetch_first_file(entry: dict[str, Any], hub: dict[str, Any]) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    last: Optional[Exception] = None
+    for name in entry["filenames"]:
+        try:
+            return Path(hf_hub_download(entry["repo_id"], name, revision=entry.get("revision"),
+                                        repo_type=entry.get("repo_type"), **hub))
+        except EntryNotFoundError as exc:
+            last = exc
+    raise MoAIError(f"{entry['repo_id']} has none of {entry['filenames']}: {last}")
+
+
+def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
+    """What ``moai info`` reports, as a dict."""
+    import importlib.metadata as md
+    import importlib.util
+    import platform
+
+    import torch
+
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for dist in _PACKAGES:
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+    if cuda["available"]:
+        cuda["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    bnb_installed = importlib.util.find_spec("bitsandbytes") is not None
+    quant = {
+        "bitsandbytes_installed": bnb_installed,
+        "quantization_usable": bnb_installed and cuda["available"],
+        "note": None if (bnb_installed and cuda["available"]) else
+        "nf4/int8 quantization needs bitsandbytes and a CUDA GPU; without them the model loads unquantized",
+    }
+    from .experts.base import available_experts
+
+    return {
+        "versions": versions,
+        "cuda": cuda,
+        "quantization": quant,
+        "experts": available_experts(),
+        "hub_offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
+        "cache": _cache_report(cache_dir),
+    }
+
+
+def _cache_report(cache_dir: Optional[str]) -> dict[str, Any]:
+    """Repositories in the Hugging Face cache, with the ones MoAI uses marked."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    from .experts.base import get_expert_class
+    from .modeling.config import DEFAULT_VISION_TOWER_ID
+    from .pipeline import DEFAULT_EXPERTS, DEFAULT_MODEL_ID
+
+    wanted = {DEFAULT_MODEL_ID: "model", DEFAULT_VISION_TOWER_ID: "vision_tower"}
+    for name in DEFAULT_EXPERTS.values():
+        try:
+            mid = get_expert_class(name).default_model_id
+        except ConfigError:
+            continue
+        if isinstance(mid, str) and mid.count("/") == 1:
+            wanted[mid] = f"expert.{name}"
+    from huggingface_hub import constants
+
+    path = str(cache_dir or constants.HF_HUB_CACHE)
+    try:
+        info = scan_cache_dir(path)
+    except CacheNotFound:
+        return {"path": path, "repos": [], "moai": {repo: False for repo in wanted}}
+    repos = sorted(
+        ({"repo_id": r.repo_id, "type": r.repo_type, "size_bytes": r.size_on_disk, "used_by": wanted.get(r.repo_id)}
+         for r in info.repos),
+        key=lambda r: r["repo_id"],
+    )
+    present = {r["repo_id"] for r in repos}
+    return {"path": path, "repos": repos, "moai": {repo: repo in present for repo in wanted}}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    data = collect_info(args.cache_dir)
+    if args.json:
+        _write(json.dumps(data, indent=2) + "\n")
+        return 0
+    lines = ["versions:"]
+    lines += [f"  {k}: {v or '-'}" for k, v in data["versions"].items()]
+    c = data["cuda"]
+    state = "available" if c["available"] else "not available"
+    lines.append(f"cuda: {state} (torch built with CUDA {c['torch_cuda']})")
+    lines += [f"  {i}: {name}" for i, name in enumerate(c.get("devices", []))]
+    q = data["quantization"]
+    lines.append(f"bitsandbytes: {'installed' if q['bitsandbytes_installed'] else 'not installed'}; "
+                 f"quantization {'usable' if q['quantization_usable'] else 'not usable'}")
+    lines.append("experts: " + "; ".join(f"{t}: {', '.join(n) or '-'}" for t, n in data["experts"].items()))
+    cache = data["cache"]
+    lines.append(f"hub cache: {cache['path']}{' [offline]' if data['hub_offline'] else ''}")
+    lines += [f"  {repo}: {'cached' if ok else 'not cached'}" for repo, ok in cache["moai"].items()]
+    others = [r for r in cache["repos"] if r["used_by"] is None]
+    if others:
+        lines.append(f"  (+{len(others)} other cached repositories)")
+    _write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .testing import demo_image, tiny_pipeline
+
+    if args.image is not None:
+        _check_image(args.image)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    with tempfile.TemporaryDirectory(prefix="moai-demo-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        _write("moai demo: a tiny randomly initialised MoAI built locally, with tiny random experts and the real "
+               "offline OCR; the answer text is random tokens, the pipeline around it is real.\n", sys.stderr)
+        pipe = tiny_pipeline(workdir)
+        image = args.image if args.image is not None else demo_image("MOAI")
+        result = pipe(image, args.prompt, max_new_tokens=args.max_new_tokens)
+        if args.json:
+            _write(result.to_json() + "\n")
+        else:
+            _write(_summary(result))
+        if args.plot:
+            result.save(args.plot)
+            _write(f"picture written to {args.plot}\n", sys.stderr)
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "perceive": cmd_perceive,
+    "download": cmd_download,
+    "info": cmd_info,
+    "demo": cmd_demo,
+}
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    root = logging.getLogger("moai_sdk")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``moai`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: " + ", ".join(_COMMANDS))
+    _setup_logging(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _write(f"{PROG}: interrupted\n", sys.stderr)
+        return 130
+    except MoAIError as exc:
+        if args.debug:
+            raise
+        _write(f"{PROG}: error: {_one_line(exc)}\n", sys.stderr)
+        return 1
+    except Exception as exc:  # anything else still ends in one line (the traceback with --debug)
+        if args.debug:
+            raise
+        _write(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)\n",
+               sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

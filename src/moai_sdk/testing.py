@@ -1,0 +1,289 @@
+"""A tiny offline MoAI for tests and demos: random weights, built locally in seconds, no GPU, no Hub.
+
+Applications built on moai-sdk can test their integration in CI with it::
+
+    from moai_sdk.testing import tiny_pipeline
+
+    def test_my_app(tmp_path):
+        pipe = tiny_pipeline(tmp_path)              # tiny MoAI + tiny experts + the real offline OCR
+        result = pipe("photo.jpg", "What is written here?")
+        assert result.token_counts["generated"] > 0  # the answer text itself is random tokens
+
+What is built:
+
+* :func:`build_tiny_moai` -- a MoAI checkpoint folder in the official layout (``config.json`` with a
+  ``moai_structure`` block, ``model.safetensors``, ``tokenizer.model``, ``tokenizer_config.json``): an 8-layer
+  InternLM2 of width 32 with the MoAI-Mixer in layer 8, a 2-layer CLIP tower of width 40 at 490 x 490
+  (1225 patches, like MoAI-7B), the MoAI-Compressor and a 1000-piece sentencepiece tokenizer. The weights are
+  random but scaled so that activations and logits stay in a sane range (greedy decoding has clear margins).
+* :func:`build_tiny_experts` -- tiny random Mask2Former and OWLv2 checkpoints (and the real RapidOCR, which
+  needs no download), as an ``experts=`` specification for :class:`~moai_sdk.pipeline.MoAIPipeline`.
+* :func:`tiny_pipeline` -- both, wired into a pipeline on CPU in float32.
+
+The answers of the tiny model are random tokens: only the plumbing is real.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image as PILImage
+
+    from .modeling import MoAIConfig
+    from .pipeline import MoAIPipeline
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+#: Version of the tiny recipe; a folder built with another version (or seed) is rebuilt.
+TINY_RECIPE_VERSION = 1
+_MARKER = "moai_sdk_tiny.json"
+
+#: The tiny MoAI: the structure of the moai-tiny oracle fixture (InternLM2 8 x 32, CLIP 2 x 40 at 490 px).
+TINY_MOAI_CONFIG: dict[str, Any] = {
+    "architectures": ["MoAIModel"],
+    "model_type": "internlm",
+    "vocab_size": 1000,
+    "hidden_size": 32,
+    "intermediate_size": 56,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "bias": False,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "torch_dtype": "float32",
+    "image_token_index": 1000,
+    "moai_structure": {
+        "vision_config": {
+            "hidden_size": 40,
+            "intermediate_size": 60,
+            "projection_dim": 24,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_channels": 3,
+            "patch_size": 14,
+            "image_size": 490,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+        },
+        "image_size": 490,
+        "patch_size": 14,
+        "vision_select_layer": -1,
+        "vision_select_feature": "patch",
+        "vision_pos_interp_from_grid": 24,
+        "vision_pos_interp_to_grid": 35,
+        "mm_hidden_size": 40,
+        "projector_type": "mlp2x_gelu",
+        "mixer_every": 8,
+        "mixer_layers": [7],
+        "mixer_rank": 64,
+        "mixer_heads": 4,
+        "gate_outputs": 3,
+        "gate_softmax_dtype": "float16",
+        "compressor_depth": 4,
+        "compressor_latents": 64,
+        "compressor_heads": 4,
+        "compressor_dim_head": 64,
+        "compressor_ff_mult": 1,
+        "compressor_dim": 32,
+        "plora_rank": 256,
+        "plora_alpha": 256,
+        "image_mean_0_1": [0.48145466, 0.4578275, 0.40821073],
+        "image_std_0_1": [0.26862954, 0.26130258, 0.27577711],
+        "img_length": 1225,
+    },
+}
+
+#: The tokenizer settings saved next to the tiny tokenizer (the official class defaults).
+TINY_TOKENIZER_CONFIG: dict[str, Any] = {
+    "tokenizer_class": "MoAITokenizer",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "</s>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "padding_side": "left",
+}
+
+#: Extra gain (on top of 1/sqrt(fan_in)) of a few weights, so that logits have a spread of a few units and
+#: the mixer gates are not uniform.
+_GAINS = {"output.weight": 3.0, "wqkv.Plora_main.weight": 2.5, "moai_GA_img.weight": 2.0, "moai_GA_lang.weight": 2.0}
+
+
+def tiny_config() -> "MoAIConfig":
+    """The :class:`~moai_sdk.modeling.MoAIConfig` of the tiny MoAI."""
+    from .modeling import MoAIConfig
+
+    return MoAIConfig.from_dict(copy.deepcopy(TINY_MOAI_CONFIG))
+
+
+@torch.no_grad()
+def init_tiny_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every parameter of ``model`` from one generator seeded with ``seed`` (state-dict order).
+
+    Norm weights ~ 1 + 0.1 N(0, 1); other 1-D parameters (biases, the CLIP class embedding) ~ 0.1 N(0, 1);
+    token embeddings and compressor latents ~ N(0, 1); every other matrix ~ N(0, 1) / sqrt(fan_in) times a gain
+    (3 for the LM head, 2.5 for the fused qkv projection, 2 for the mixer gates, else 1).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)
+        if len(shape) == 1 and name.endswith(".weight"):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            value = 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith(("tok_embeddings.weight", "latents")):
+            value = torch.randn(shape, generator=g)
+        else:
+            gain = next((v for k, v in _GAINS.items() if name.endswith(k)), 1.0)
+            value = gain * torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        param.copy_(value.to(param.dtype))
+
+
+def _marker_matches(directory: Path, seed: int) -> bool:
+    marker = directory / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    needed = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
+    return (
+        data.get("version") == TINY_RECIPE_VERSION
+        and data.get("seed") == seed
+        and all((directory / n).is_file() for n in needed)
+    )
+
+
+def build_tiny_moai(directory: PathLike, seed: int = 0, *, overwrite: bool = False) -> Path:
+    """Write a tiny random MoAI checkpoint (official layout, with tokenizer) to ``directory``; returns it.
+
+    A folder already built by this function with the same ``seed`` is reused unless ``overwrite=True``.
+    About 1.3 M parameters, 5 MB on disk, a second to build.
+    """
+    from .modeling import MoAIForCausalLM
+
+    out = Path(directory)
+    if not overwrite and _marker_matches(out, seed):
+        logger.info("reusing the tiny MoAI in %s", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = MoAIForCausalLM(tiny_config())
+    init_tiny_weights(model, seed)
+    model.eval()
+    model.save_pretrained(str(out))
+    tokenizer = resources.files("moai_sdk").joinpath("data", "tiny_tokenizer.model")
+    with resources.as_file(tokenizer) as path:
+        shutil.copyfile(path, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps(TINY_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
+    (out / _MARKER).write_text(json.dumps({"version": TINY_RECIPE_VERSION, "seed": seed}), encoding="utf-8")
+    logger.info("built a tiny random MoAI in %s", out)
+    return out
+
+
+def build_tiny_experts(directory: PathLike, *, seed: int = 0, ocr: bool = True) -> dict[str, Any]:
+    """Build tiny random expert checkpoints under ``directory`` and return an ``experts=`` specification.
+
+    Returns ``{"segmentation": {"name": "mask2former", "model_id": ...}, "detection": {"name": "owlv2",
+    "model_id": ...}, "ocr": "rapidocr"}`` (OCR only with ``ocr=True``; RapidOCR ships its real models, which
+    run offline). The tiny scene-graph expert is added when the installed experts provide a builder for it.
+    Folders already built are reused.
+    """
+    from .experts import tiny
+
+    root = Path(directory)
+    spec: dict[str, Any] = {}
+    m2f = root / "mask2former"
+    if not (m2f / "config.json").is_file():
+        tiny.build_tiny_mask2former(m2f, seed=seed)
+    spec["segmentation"] = {"name": "mask2former", "model_id": str(m2f)}
+    owl = root / "owlv2"
+    if not (owl / "config.json").is_file():
+        tiny.build_tiny_owlv2(owl, seed=seed)
+    spec["detection"] = {"name": "owlv2", "model_id": str(owl)}
+    builder = getattr(tiny, "build_tiny_psgtr", None)  # (path, *, seed) -> weights file, when provided
+    if builder is not None:
+        sgg = root / "psgtr.safetensors"
+        if not sgg.is_file():
+            sgg = Path(builder(sgg, seed=seed))
+        spec["scene_graph"] = {"name": "psgtr", "model_id": str(sgg)}
+    if ocr:
+        spec["ocr"] = "rapidocr"
+    return spec
+
+
+def tiny_pipeline(directory: PathLike, experts: Any = "tiny", *, seed: int = 0, **options: Any) -> "MoAIPipeline":
+    """A :class:`~moai_sdk.pipeline.MoAIPipeline` on a tiny random MoAI built (or reused) in ``directory``.
+
+    ``experts``: ``"tiny"`` (default: :func:`build_tiny_experts` in ``directory/experts``), ``None`` for none, or
+    any ``experts=`` specification. Runs on CPU in float32, offline; other ``options`` go to
+    :meth:`MoAIPipeline.from_pretrained`.
+    """
+    from .pipeline import MoAIPipeline
+
+    root = Path(directory)
+    model_dir = build_tiny_moai(root / "moai", seed=seed)
+    if isinstance(experts, str) and experts == "tiny":
+        experts = build_tiny_experts(root / "experts", seed=seed)
+    settings = {"device": "cpu", "dtype": "float32", "quantization": None, "local_files_only": True}
+    for key in settings:
+        if key in options:
+            settings[key] = options.pop(key)
+    return MoAIPipeline.from_pretrained(str(model_dir), experts=experts, **settings, **options)
+
+
+def demo_image(text: str = "MOAI", size: tuple[int, int] = (640, 480)) -> "PILImage.Image":
+    """A synthetic RGB picture: ``text`` in large dark letters over a light background, a red square and a
+    blue disc below it (the real OCR reads the text)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    if width < 64 or height < 64:
+        raise ConfigError(f"demo_image needs at least 64 x 64 pixels; got {width} x {height}")
+    img = Image.new("RGB", (width, height), (240, 240, 235))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=max(12, height // 8))
+    draw.text((width // 12, height // 8), text, fill=(15, 15, 15), font=font)
+    top = height // 2
+    draw.rectangle((width // 16, top, width // 16 + width // 3, top + height // 3), fill=(200, 40, 40))
+    draw.ellipse((width // 2 + width // 16, top, width // 2 + width // 16 + width // 3, top + height // 3),
+                 fill=(40, 90, 200))
+    return img
+
+
+__all__ = [
+    "TINY_MOAI_CONFIG",
+    "TINY_RECIPE_VERSION",
+    "tiny_config",
+    "init_tiny_weights",
+    "build_tiny_moai",
+    "build_tiny_experts",
+    "tiny_pipeline",
+    "demo_image",
+]

@@ -1,0 +1,206 @@
+"""The `moai` command line, through subprocesses (and in-process where the Hub must be faked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from moai_sdk import MoAIResult, PerceptionResult
+from moai_sdk.testing import build_tiny_experts, build_tiny_moai, demo_image
+
+
+def moai_command() -> list[str]:
+    script = Path(sys.executable).parent / ("moai.exe" if os.name == "nt" else "moai")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "moai_sdk.cli"]
+
+
+def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([*moai_command(), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "moai-sdk-tiny"
+    build_tiny_moai(root / "moai")
+    build_tiny_experts(root / "experts")
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "text.png"
+    demo_image("MOAI").save(path)
+    return path
+
+
+def test_demo_prints_a_typed_result_and_writes_the_picture(tmp_path):
+    picture = tmp_path / "demo.png"
+    proc = run("demo", "--json", "--plot", str(picture), "--max-new-tokens", "4", "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr
+    result = MoAIResult.from_json(proc.stdout)
+    assert result.perception is not None and result.aux_text.endswith("The image includes text descriptions: MOAI.")
+    assert 1 <= result.token_counts["generated"] <= 4
+    assert "random" in proc.stderr  # the demo says its answer is random tokens
+    assert Image.open(picture).size == (490, 490)
+
+
+def test_perceive_json_reads_rendered_text(text_image):
+    proc = run("perceive", str(text_image), "--experts", "rapidocr", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = PerceptionResult.from_json(proc.stdout)
+    assert result.sources == {"ocr": "rapidocr"}
+    assert [line.text for line in result.text_lines] == ["MOAI"]
+    assert result.text_lines[0].confidence > 0.85
+    assert (result.image_width, result.image_height) == (640, 480)
+
+
+def test_run_on_the_tiny_model_streams_and_prints_json(tiny_root, text_image, tmp_path):
+    picture = tmp_path / "run.png"
+    proc = run(
+        "run", str(text_image), "What does it say?", "--model", str(tiny_root / "moai"), "--device", "cpu",
+        "--quantization", "none", "--experts", "rapidocr", "--max-new-tokens", "5", "--json", "--stream",
+        "--plot", str(picture), "--local-files-only",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = MoAIResult.from_json(proc.stdout)
+    assert result.prompt == "What does it say?"
+    assert result.aux_text == "   The image includes text descriptions: MOAI."
+    assert result.model_id == str(tiny_root / "moai")
+    assert 1 <= len(result.new_token_ids) <= 5
+    assert proc.stderr.endswith(result.text + "\n")  # with --json the streamed pieces go to stderr
+    assert picture.is_file()
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        ((), 2, "choose a command"),
+        (("run",), 2, "required: image, prompt"),
+        (("launch",), 2, "invalid choice"),
+        (("run", "x.png", "hi", "--quantization", "fp3"), 2, "invalid choice"),
+        (("run", "/no/such/picture.png", "hi"), 1, "image file not found"),
+        (("demo", "--max-new-tokens", "0"), 1, "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_one_line(args, status, message):
+    proc = run(*args, timeout=120)
+    assert proc.returncode == status
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moai: error:") and message in lines[0]
+    assert proc.stdout == ""
+
+
+def test_unknown_expert_is_one_line(text_image):
+    proc = run("perceive", str(text_image), "--experts", "no-such-expert")
+    assert proc.returncode == 1
+    assert error_lines(proc) == [error_lines(proc)[0]] and "unknown expert 'no-such-expert'" in proc.stderr
+
+
+def test_info_json():
+    proc = run("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["versions"]["moai-sdk"] and data["versions"]["torch"]
+    assert isinstance(data["cuda"]["available"], bool)
+    assert "rapidocr" in data["experts"]["ocr"]
+    assert data["cache"]["moai"].keys() >= {"BK-Lee/MoAI-7B", "openai/clip-vit-large-patch14-336"}
+
+
+# --- download: in-process with the Hub functions replaced by fakes -----------------------------------------
+
+
+class FakeHub:
+    """Records what would be fetched; writes a small checkpoint for the model repo (with or without vision)."""
+
+    def __init__(self, root: Path, tiny_model: Path, with_vision: bool) -> None:
+        self.root, self.tiny_model, self.with_vision = root, tiny_model, with_vision
+        self.snapshots: list[dict] = []
+        self.files: list[dict] = []
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, **kwargs):
+        self.snapshots.append({"repo_id": repo_id, "revision": revision, "allow_patterns": list(allow_patterns),
+                               **kwargs})
+        folder = self.root / repo_id.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        if repo_id == "BK-Lee/MoAI-7B":
+            from safetensors.torch import load_file, save_file
+
+            state = load_file(str(self.tiny_model / "model.safetensors"))
+            if not self.with_vision:
+                state = {k: v for k, v in state.items() if not k.startswith("vit.")}
+            save_file(state, str(folder / "model.safetensors"))
+            (folder / "config.json").write_text((self.tiny_model / "config.json").read_text())
+        else:
+            (folder / "model.safetensors").write_bytes(b"")
+        return str(folder)
+
+    def hf_hub_download(self, repo_id, filename, revision=None, repo_type=None, **kwargs):
+        self.files.append({"repo_id": repo_id, "filename": filename, "repo_type": repo_type})
+        path = self.root / "files" / repo_id.replace("/", "--") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return str(path)
+
+
+@pytest.mark.parametrize("with_vision", [True, False])
+def test_download_fetches_model_and_expert_weights(tiny_root, tmp_path, monkeypatch, capsys, with_vision):
+    import huggingface_hub
+
+    from moai_sdk import cli
+
+    hub = FakeHub(tmp_path, tiny_root / "moai", with_vision)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    status = cli.main(["download", "--cache-dir", str(tmp_path / "cache"), "--json",
+                       "--experts", "mask2former,owlv2,psgtr,rapidocr"])
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)["downloaded"]
+    repos = [s["repo_id"] for s in hub.snapshots]
+    assert repos == ["BK-Lee/MoAI-7B", "facebook/mask2former-swin-base-coco-panoptic",
+                     "google/owlv2-base-patch16-ensemble"]
+    model_patterns = hub.snapshots[0]["allow_patterns"]
+    assert {"config.json", "*.safetensors", "tokenizer.model"} <= set(model_patterns)
+    assert all(s["cache_dir"] == str(tmp_path / "cache") for s in hub.snapshots)
+    psgtr = [f for f in hub.files if f["repo_id"] == "ECCV2022/PSG"]
+    assert psgtr == [{"repo_id": "ECCV2022/PSG", "filename": "OpenPSG/checkpoints/epoch_60.pth", "repo_type": "space"}]
+    clip = [f for f in hub.files if f["repo_id"] == "openai/clip-vit-large-patch14-336"]
+    assert clip == ([] if with_vision else [{"repo_id": "openai/clip-vit-large-patch14-336",
+                                             "filename": "model.safetensors", "repo_type": None}])
+    methods = {s["component"]: s["method"] for s in report}
+    assert methods["expert.rapidocr"] == "bundled"
+    assert methods["vision_tower"] == ("skipped" if with_vision else "file")
+
+
+def test_download_dry_run_lists_the_plan(capsys):
+    from moai_sdk import cli
+
+    assert cli.main(["download", "my/moai", "--revision", "v1", "--dry-run", "--json", "--experts", "owlv2"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert [p["component"] for p in plan] == ["model", "vision_tower", "expert.owlv2"]
+    assert plan[0]["repo_id"] == "my/moai" and plan[0]["revision"] == "v1"
+    assert plan[2]["repo_id"] == "google/owlv2-base-patch16-ensemble"
+
+
+def test_parse_experts():
+    from moai_sdk.cli import parse_experts
+    from moai_sdk.errors import InputError
+
+    assert parse_experts("default") == "default" and parse_experts("none") is None
+    assert parse_experts("rapidocr, mask2former=/m") == ["rapidocr", {"name": "mask2former", "model_id": "/m"}]
+    assert parse_experts('{"ocr": "paddleocr"}') == {"ocr": "paddleocr"}
+    with pytest.raises(InputError):
+        parse_experts("{bad json")
+    with pytest.raises(InputError):
+        parse_experts("owlv2=")
