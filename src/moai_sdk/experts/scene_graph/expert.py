@@ -1,0 +1,249 @@
+"""The registered scene-graph expert ``psgtr`` (task ``scene_graph``), MoAI's default SGG model.
+
+It runs the pure-PyTorch PSGTR port on the expert frames (MoAI's 490 x 490 images), one forward per batch of
+same-sized inputs, and returns the objects and relations as typed results: ``scene_graph_objects`` in the
+order MoAI's verbalization sees them (PSGTR's ``labels``) and ``relations`` in ``rel_pair_idxes`` order, each
+with its full 57-column predicate distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ...errors import ConfigError
+from ...results import PerceptionResult, Relation, Segment, load_vocab
+from ..base import Expert, register_expert
+from .checkpoint import load_into, resolve_weights
+from .config import NUM_THING_CLASSES, OFFICIAL_FILENAME, OFFICIAL_REPO_ID, OFFICIAL_REPO_TYPE, PSGTRConfig
+from .modeling import PSGTR
+from .processing import PreparedImage, SceneGraphPrediction, postprocess, preprocess_image
+
+logger = logging.getLogger(__name__)
+
+#: Settings forwarded to :class:`PSGTRConfig` (pre/post-processing knobs; the architecture is fixed by the weights).
+_CONFIG_SETTINGS = (
+    "scale",
+    "size_divisor",
+    "swap_channels",
+    "resize_backend",
+    "mask_padding",
+    "max_per_img",
+    "mask_threshold",
+    "entity_score_threshold",
+    "relation_score_threshold",
+    "dedup_iou_threshold",
+    "mask_dtype",
+    "drop_class_index",
+    "mask_head_chunk",
+)
+_DEFAULT_CONFIG = PSGTRConfig()
+_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+@contextlib.contextmanager
+def _tf32(allow: bool | None) -> Iterator[None]:
+    """Temporarily set PyTorch's TF32 switches for CUDA convolutions and matmuls (``None`` leaves them alone)."""
+    if allow is None:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def prediction_to_fields(
+    prediction: SceneGraphPrediction, *, keep_masks: bool = True
+) -> tuple[list[Segment], list[Relation]]:
+    """Typed ``scene_graph_objects`` and ``relations`` from a :class:`SceneGraphPrediction`.
+
+    Object k is ``labels[k]`` with its mask (``Segment.id`` = k + 1, the segment index in ``pan_results`` plus
+    one). Relations keep the row order of ``rel_dists``; ``predicate_index`` / ``score`` are the argmax / max of
+    columns 1..56, which is what MoAI's verbalization reads. The official placeholder result of an image where
+    nothing passed the filters (a fake 'person' covering the image, no relation) gives no objects at all.
+    """
+    if prediction.empty:
+        return [], []
+    classes = load_vocab("COCO_PANOPTIC_CLASSES")
+    predicates = load_vocab("PREDICATES")
+    objects = []
+    for k, (label, mask, score) in enumerate(zip(prediction.labels, prediction.masks, prediction.segment_scores)):
+        category = int(label) - 1
+        objects.append(
+            Segment.from_mask(
+                mask,
+                id=k + 1,
+                label=classes[category],
+                category_id=category,
+                isthing=category < NUM_THING_CLASSES,
+                score=float(score),
+                keep_mask=keep_masks,
+            )
+        )
+    relations = []
+    for (s, o), dist in zip(prediction.rel_pair_idxes.tolist(), prediction.rel_dists):
+        predicate = int(np.argmax(dist[1:]))
+        relations.append(
+            Relation(
+                subject_index=s,
+                object_index=o,
+                subject_label=objects[s].label,
+                object_label=objects[o].label,
+                predicate=predicates[predicate],
+                predicate_index=predicate,
+                score=float(dist[1:].max()),
+                distribution=[float(v) for v in dist],
+            )
+        )
+    return objects, relations
+
+
+@register_expert
+class PSGTRExpert(Expert):
+    """PSGTR (OpenPSG, ECCV 2022) scene-graph generation, ported to plain PyTorch.
+
+    ``model_id``: ``None`` / ``"ECCV2022/PSG"`` for the official weights (a file of that Hugging Face Space,
+    SHA-256 checked), another Hub repo id (with the ``filename`` / ``repo_type`` settings), or a local
+    ``.pth`` / ``.safetensors`` file. The pickled checkpoint is read with a restricted unpickler and cached
+    once as safetensors (``convert`` / ``convert_dir``).
+
+    Settings (defaults reproduce MoAI): the pre/post-processing fields of :class:`PSGTRConfig` (``scale``,
+    ``swap_channels``, ``resize_backend``, ``mask_dtype``, thresholds, ...), ``batch_size`` (images per
+    forward), ``keep_masks`` (keep object masks in the results), ``allow_tf32`` (CUDA only: ``None`` keeps
+    PyTorch's global switches -- cuDNN convolutions then use TF32 by default, as in MoAI's own GPU runs --,
+    ``False`` computes in strict fp32, closest to the CPU numbers), ``filename``, ``repo_type``, ``sha256``
+    (expected hash of a non-official file), ``verify_sha256``, ``convert``, ``convert_dir``.
+
+    dtype: ``float32`` (MoAI runs PSGTR in fp32), ``float16`` or ``bfloat16`` (GPU speed-ups that change the
+    numbers slightly; post-processing always starts from fp32 logits).
+    """
+
+    name = "psgtr"
+    task = "scene_graph"
+    default_model_id = OFFICIAL_REPO_ID
+    default_settings: dict[str, Any] = {
+        **{key: getattr(_DEFAULT_CONFIG, key) for key in _CONFIG_SETTINGS},
+        "batch_size": 2,
+        "keep_masks": True,
+        "allow_tf32": None,
+        "filename": OFFICIAL_FILENAME,
+        "repo_type": OFFICIAL_REPO_TYPE,
+        "sha256": None,
+        "verify_sha256": True,
+        "convert": True,
+        "convert_dir": None,
+    }
+
+    def __init__(self, model_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(model_id, **kwargs)
+        self.weights_origin: str | None = None
+        self.config = self._build_config()
+        batch = self.settings["batch_size"]
+        if not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"psgtr batch_size must be a positive integer; got {batch!r}")
+        if self.settings["allow_tf32"] not in (None, True, False):
+            raise ConfigError(f"psgtr allow_tf32 must be None, True or False; got {self.settings['allow_tf32']!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ConfigError(f"psgtr runs in float32, float16 or bfloat16; got dtype={self.dtype}")
+
+    def _build_config(self) -> PSGTRConfig:
+        overrides = {key: self.settings[key] for key in _CONFIG_SETTINGS}
+        overrides["scale"] = tuple(overrides["scale"])
+        return _DEFAULT_CONFIG.replace(**overrides)
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        dtype = self.dtype or torch.float32
+        if dtype not in _DTYPES:
+            raise ConfigError(f"psgtr runs in float32, float16 or bfloat16; got dtype={dtype}")
+        model = PSGTR(self.config)
+        weights = resolve_weights(
+            self.model_id,
+            filename=self.settings["filename"],
+            repo_type=self.settings["repo_type"],
+            revision=self.revision,
+            cache_dir=self.cache_dir,
+            local_files_only=self.local_files_only,
+            token=self.token,
+            sha256=self.settings["sha256"],
+            verify=self.settings["verify_sha256"],
+            convert=self.settings["convert"],
+            convert_dir=self.settings["convert_dir"],
+        )
+        load_into(model, weights.state_dict)
+        if self.device.type == "cpu" and dtype != torch.float32:
+            logger.warning("psgtr in %s on CPU is slow and not what MoAI runs; float32 is recommended", dtype)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.weights_origin = weights.origin
+        logger.info("psgtr weights from %s (%s)", weights.source, weights.origin)
+
+    # --- inference --------------------------------------------------------------------------------------------
+    def _forward(self, prepared: list[PreparedImage]) -> list[SceneGraphPrediction]:
+        """Run one batch of same-shaped inputs and post-process each image."""
+        model = self.model
+        dtype = next(model.parameters()).dtype
+        pixels = torch.stack([p.pixel_values for p in prepared]).to(device=self.device, dtype=dtype)
+        mask = None
+        if self.config.mask_padding:
+            mask = torch.stack([p.padding_mask for p in prepared]).to(self.device)
+        tf32 = self.settings["allow_tf32"] if self.device.type == "cuda" else None
+        with torch.inference_mode(), _tf32(tf32):
+            out = model(pixels, mask)
+            return [
+                postprocess(
+                    out.sub_logits[-1, i],
+                    out.obj_logits[-1, i],
+                    out.rel_logits[-1, i],
+                    out.sub_boxes[-1, i],
+                    out.obj_boxes[-1, i],
+                    out.sub_mask_logits[i].float(),
+                    out.obj_mask_logits[i].float(),
+                    p.img_shape,
+                    p.scale_factor,
+                    self.config,
+                )
+                for i, p in enumerate(prepared)
+            ]
+
+    def predict_raw(self, images: list[torch.Tensor]) -> list[SceneGraphPrediction]:
+        """PSGTR's raw per-image results (MoAI's ``triplet2Result`` arrays) for uint8 RGB ``[3, H, W]`` frames."""
+        self.load()
+        prepared = [preprocess_image(img, self.config) for img in images]
+        results: list[SceneGraphPrediction | None] = [None] * len(prepared)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_shape.setdefault(tuple(p.pixel_values.shape), []).append(i)
+        batch = self.settings["batch_size"]
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch):
+                chunk = indices[start : start + batch]
+                for i, pred in zip(chunk, self._forward([prepared[i] for i in chunk])):
+                    results[i] = pred
+        return [r for r in results if r is not None]
+
+    def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
+        out = []
+        for image, prediction in zip(images, self.predict_raw(images)):
+            objects, relations = prediction_to_fields(prediction, keep_masks=self.settings["keep_masks"])
+            h, w = int(image.shape[-2]), int(image.shape[-1])
+            out.append(
+                PerceptionResult(
+                    image_width=w,
+                    image_height=h,
+                    frame_width=w,
+                    frame_height=h,
+                    scene_graph_objects=objects,
+                    relations=relations,
+                )
+            )
+        return out
+
+
+__all__ = ["PSGTRExpert", "prediction_to_fields"]
