@@ -44,12 +44,23 @@ _LAZY: dict[str, str] = {
     "MoAIResult": "moai_sdk.results",
     "verbalize": "moai_sdk.verbalize",
     "verbalize_parts": "moai_sdk.verbalize",
+    "VerbalizationParts": "moai_sdk.verbalize",
+    "plot_perception": "moai_sdk.viz",
     # experts
     "Expert": "moai_sdk.experts.base",
     "register_expert": "moai_sdk.experts.base",
     "create_expert": "moai_sdk.experts.base",
     "available_experts": "moai_sdk.experts.base",
     "Perception": "moai_sdk.experts.base",
+    "Mask2FormerExpert": "moai_sdk.experts.segmentation",
+    "YoloSegExpert": "moai_sdk.experts.segmentation",
+    "Owlv2Expert": "moai_sdk.experts.detection",
+    "YoloWorldExpert": "moai_sdk.experts.detection",
+    "RapidOCRExpert": "moai_sdk.experts.ocr",
+    "PaddleOCRExpert": "moai_sdk.experts.ocr",
+    "PSGTRExpert": "moai_sdk.experts.scene_graph",
+    "PSGTRConfig": "moai_sdk.experts.scene_graph",
+    "ExpertCache": "moai_sdk.cache",
     # facade
     "MoAIPipeline": "moai_sdk.pipeline",
 }
@@ -83,11 +94,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .cache import ExpertCache
     from .experts.base import Expert, Perception, available_experts, create_expert, register_expert
+    from .experts.detection import Owlv2Expert, YoloWorldExpert
+    from .experts.ocr import PaddleOCRExpert, RapidOCRExpert
+    from .experts.scene_graph import PSGTRConfig, PSGTRExpert
+    from .experts.segmentation import Mask2FormerExpert, YoloSegExpert
+    from .viz import plot_perception
     from .modeling import GenerateOutput, GenerationSettings, MoAIConfig, MoAIForCausalLM
     from .pipeline import MoAIPipeline
     from .processing import MoAIInputs, MoAIProcessor
     from .prompts import SYSTEM_PROMPT, build_prompt
     from .results import Box, Detection, MoAIResult, PerceptionResult, Relation, Segment, TextLine
     from .tokenization import MoAITokenizer
-    from .verbalize import verbalize, verbalize_parts
+    from .verbalize import VerbalizationParts, verbalize, verbalize_parts
