@@ -18,7 +18,10 @@ import torch
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="moai-yolo-"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+_omp = os.environ.get("OMP_NUM_THREADS")
 ultralytics = pytest.importorskip("ultralytics")
+if _omp is None:  # ultralytics sets OMP_NUM_THREADS=1 on import; keep it out of later subprocess tests
+    os.environ.pop("OMP_NUM_THREADS", None)
 
 from moai_sdk.errors import CheckpointError, ConfigError  # noqa: E402
 from moai_sdk.experts import available_experts, create_expert  # noqa: E402
@@ -175,3 +178,17 @@ def test_yoloe_is_picked_by_name(fake_text_encoders):
     assert exp.is_yoloe and fake_text_encoders == [3]
     assert res.detections and {d.label for d in res.detections} <= {"cat", "dog", "traffic cone"}
     assert "3 queries sha256:" in exp.cache_key()
+
+
+def test_ultralytics_experts_leave_process_thread_settings_alone():
+    """ultralytics resets torch to cores-1 threads and sets OMP_NUM_THREADS; our experts undo that."""
+    before_threads = torch.get_num_threads()
+    before_omp = os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(2)
+    try:
+        expert = create_expert("yolo-seg", model_id="yolov8n-seg.yaml", device="cpu")
+        expert.predict(frames(1))
+        assert torch.get_num_threads() == 2
+        assert os.environ.get("OMP_NUM_THREADS") == before_omp
+    finally:
+        torch.set_num_threads(before_threads)

@@ -137,6 +137,41 @@ def resolve_weight_file(expert: "Expert", *, suffixes: tuple[str, ...] = (".pt",
     return spec
 
 
+def keeps_thread_settings(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: restore torch's and OpenCV's thread counts and ``OMP_NUM_THREADS`` after ``fn``.
+
+    ultralytics sets ``OMP_NUM_THREADS=1`` when imported and resets torch to ``cores - 1`` threads whenever it
+    selects a device; a library must not change the caller's process-wide settings (other experts and the
+    LLM would silently run single-threaded, and their float reductions would change).
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        import sys
+
+        import torch
+
+        threads = torch.get_num_threads()
+        omp = os.environ.get("OMP_NUM_THREADS")
+        cv2 = sys.modules.get("cv2")
+        cv2_threads = cv2.getNumThreads() if cv2 is not None else None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            if omp is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = omp
+            cv2 = sys.modules.get("cv2")
+            if cv2 is not None and cv2_threads is not None:
+                cv2.setNumThreads(cv2_threads)
+
+    return wrapper
+
+
+@keeps_thread_settings
 def import_ultralytics(*, offline: bool = False) -> Any:
     """Import ultralytics lazily; :class:`DependencyError` with the pip command when it is missing.
 
@@ -186,6 +221,7 @@ def ultralytics_precision_kwargs(dtype: Any) -> dict[str, Any]:
 
 __all__ = [
     "import_ultralytics",
+    "keeps_thread_settings",
     "ultralytics_precision_kwargs",
     "ultralytics_device",
     "HF_FILE_PREFIX",

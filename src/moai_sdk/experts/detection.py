@@ -28,6 +28,7 @@ from ..results import Box, Detection, PerceptionResult, load_vocab
 from ._hub import (
     image_processor_backend_kwargs,
     import_ultralytics,
+    keeps_thread_settings,
     load_pretrained,
     resolve_weight_file,
     ultralytics_device,
@@ -313,6 +314,7 @@ class YoloWorldExpert(Expert):
     def is_yoloe(self) -> bool:
         return "yoloe" in str(self.model_id).lower()
 
+    @keeps_thread_settings
     def _load(self) -> None:
         ultralytics = import_ultralytics(offline=self.local_files_only)
         ultralytics_precision_kwargs(self.dtype)  # refuses dtypes ultralytics cannot run
@@ -327,6 +329,7 @@ class YoloWorldExpert(Expert):
         model.to(torch.device(self.device))
         self.model = model
 
+    @keeps_thread_settings
     def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
         s = self.settings
         out: list[PerceptionResult] = []

@@ -26,6 +26,7 @@ from ..results import PerceptionResult, Segment, load_vocab
 from ._hub import (
     image_processor_backend_kwargs,
     import_ultralytics,
+    keeps_thread_settings,
     load_pretrained,
     resolve_weight_file,
     ultralytics_device,
@@ -311,6 +312,7 @@ class YoloSegExpert(Expert):
             _check_positive_int(key, s[key])
         self.class_map: dict[int, int] = {}
 
+    @keeps_thread_settings
     def _load(self) -> None:
         ultralytics = import_ultralytics(offline=self.local_files_only)
         ultralytics_precision_kwargs(self.dtype)  # refuses dtypes ultralytics cannot run
@@ -322,6 +324,7 @@ class YoloSegExpert(Expert):
         model.to(torch.device(self.device))
         self.model = model
 
+    @keeps_thread_settings
     def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
         s = self.settings
         out: list[PerceptionResult] = []
