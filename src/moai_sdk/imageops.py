@@ -35,6 +35,24 @@ def _pil_to_array(img: Any) -> np.ndarray:
     return arr
 
 
+def _pil_open(fp: Any):
+    """``PIL.Image.open``, bypassing replacements other libraries install process-wide.
+
+    ultralytics swaps ``PIL.Image.open`` for a wrapper that, on an unreadable file, tries to pip-install a HEIF
+    plugin and then fails with ``ModuleNotFoundError``; we want Pillow's own behaviour (and our clear error).
+    """
+    import sys
+
+    from PIL import Image
+
+    opener = Image.open
+    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+        original = getattr(sys.modules.get(opener.__module__), "_image_open", None)
+        if callable(original) and getattr(original, "__module__", "") == "PIL.Image":
+            opener = original
+    return opener(fp)
+
+
 def load_image_chw(image: ImageInput) -> torch.Tensor:
     """Return ``image`` as a uint8 tensor of shape [C, H, W] with C = 3 (RGB) or 4 (RGBA).
 
@@ -48,7 +66,7 @@ def load_image_chw(image: ImageInput) -> torch.Tensor:
         if not path.is_file():
             raise InputError(f"image file not found: {str(path)!r}")
         try:
-            with Image.open(path) as im:
+            with _pil_open(path) as im:
                 im.load()
                 arr = _pil_to_array(im)
         except UnidentifiedImageError as exc:
@@ -56,7 +74,7 @@ def load_image_chw(image: ImageInput) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
-            with Image.open(io.BytesIO(bytes(image))) as im:
+            with _pil_open(io.BytesIO(bytes(image))) as im:
                 im.load()
                 arr = _pil_to_array(im)
         except UnidentifiedImageError as exc:
