@@ -71,3 +71,23 @@ def official_inputs(name: str, cases: dict, meta: dict) -> dict[str, torch.Tenso
 
 
 CASE_NAMES = ["a_demo_full", "b_eval_template", "c_raw640x480_empty"]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Nothing downloads in tests: any attempt to open a network connection fails loudly."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted during a test")
+
+    import socket
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def random_frames(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` random uint8 RGB frames of the experts' 490 x 490 size."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=g) for _ in range(n)]

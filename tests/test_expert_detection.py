@@ -6,11 +6,12 @@ prove that gives the numbers of the official per-image full forward, and that th
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import random_frames as frames
 
 from moai_sdk.errors import ConfigError, ExpertError
 from moai_sdk.experts import available_experts, create_expert
@@ -18,14 +19,6 @@ from moai_sdk.experts.detection import Owlv2Expert, detections_result, official_
 from moai_sdk.experts.tiny import build_tiny_owlv2
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +26,6 @@ def tiny_owl(tmp_path_factory):
     return str(build_tiny_owlv2(tmp_path_factory.mktemp("owlv2")))
 
 
-def frames(n: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=g) for _ in range(n)]
 
 
 def count_text_calls(monkeypatch, expert) -> list[int]:

@@ -3,7 +3,6 @@ PaddleOCR 3.x backend against its documented result shape."""
 
 from __future__ import annotations
 
-import socket
 import sys
 import types
 
@@ -37,14 +36,6 @@ STYLES = [  # (font size, text colour, background colour)
 ]
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def render_page(lines: list[str], size: int, fg, bg) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:

@@ -7,11 +7,12 @@ real forward, so the post-processing has a known answer.
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import random_frames as frames
 
 from moai_sdk.errors import CheckpointError, ConfigError, ExpertError, InputError
 from moai_sdk.experts import Perception, available_experts, create_expert
@@ -25,16 +26,6 @@ NO_OBJECT = len(COCO)  # Mask2Former's extra "no object" class
 L = 20.0  # a logit far from the decision boundary
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail any attempt to reach the network."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +33,6 @@ def tiny_m2f(tmp_path_factory):
     return str(build_tiny_mask2former(tmp_path_factory.mktemp("m2f")))
 
 
-def frames(n: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=g) for _ in range(n)]
 
 
 def crafted_logits(kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,13 @@ results is right; what the random models find is meaningless.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import random_frames as frames
 
 # keep ultralytics' settings file out of the home folder and its online checks off (read once, at import)
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="moai-yolo-"))
@@ -37,15 +38,8 @@ COCO = load_vocab("COCO_PANOPTIC_CLASSES")
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any socket use or ultralytics download attempt fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+def no_ultralytics_downloads(monkeypatch):
+    """ultralytics fetches assets on its own; make any such attempt fail the test (sockets are refused too)."""
     from ultralytics.utils import downloads
 
     def no_download(*args, **kwargs):
@@ -72,11 +66,6 @@ def fake_text_encoders(monkeypatch):
     monkeypatch.setattr(WorldModel, "get_text_pe", encode)
     monkeypatch.setattr(YOLOEModel, "get_text_pe", encode)
     return calls
-
-
-def frames(n: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=g) for _ in range(n)]
 
 
 def test_registered():
