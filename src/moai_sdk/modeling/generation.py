@@ -200,6 +200,7 @@ def generate(
     )
     logits = out.logits[:, -1].float()
     mask = out.attention_mask
+    _synchronize(device)  # so that the timings split prefill and decode on asynchronous devices too
     timings = {"prefill": time.perf_counter() - t0}
 
     seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
@@ -216,6 +217,7 @@ def generate(
             model, settings, logits, mask, cache, seen, eos_ids, pad_id, generator, output_logits, decode, streamer
         )
         scores = None
+    _synchronize(device)
     timings["decode"] = time.perf_counter() - t1
 
     width = max((len(r) for r in new), default=0)
@@ -231,18 +233,71 @@ def generate(
     )
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _hit_stop(decode, tokens: list[int], stops: Sequence[str]) -> bool:
     text = decode(tokens)
     return any(s in text for s in stops)
 
 
+class _AllFinishedFlag:
+    """Whether every row has finished, read without stalling the device every step.
+
+    Lagged (the default on CUDA): the flag is copied to pinned host memory without blocking and read only
+    after the next decoding step has been queued, so the host waits for no more than the small sampling
+    kernels of the step before and stays one step ahead of the GPU; when everything had finished, that queued
+    step is simply dropped. Not lagged (elsewhere): the value is read at once. ``lagged=True`` on a CPU runs
+    the lagged control flow with immediate reads (used by tests).
+    """
+
+    def __init__(self, device: torch.device, lagged: bool | None = None):
+        self.cuda = device.type == "cuda"
+        self.lagged = self.cuda if lagged is None else bool(lagged)
+        self.value = False
+        if self.lagged and self.cuda:
+            self.host = torch.zeros((), dtype=torch.bool).pin_memory()
+            self.event = torch.cuda.Event()
+
+    def record(self, finished: torch.Tensor) -> None:
+        if self.lagged and self.cuda:
+            self.host.copy_(finished.all(), non_blocking=True)
+            self.event.record()
+        else:
+            self.value = bool(finished.all())
+
+    def done_before_next_step(self) -> bool:
+        """True when every row is known to be finished before queuing another step (not lagged)."""
+        return not self.lagged and self.value
+
+    def done_after_next_step_queued(self) -> bool:
+        """True when every row had finished before the step just queued (lagged)."""
+        if not self.lagged:
+            return False
+        if self.cuda:
+            self.event.synchronize()
+            return bool(self.host)
+        return self.value
+
+
 def _sample_or_greedy(model, s, logits, mask, cache, seen, eos_ids, pad_id, generator, output_logits, decode, streamer):
+    """Greedy / sampling loop. Tokens stay on the device; the host reads them once at the end (stop strings
+    excepted: they need the text of every step)."""
     b = logits.shape[0]
     device = logits.device
+    steps_max = s.max_new_tokens
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    rows: list[list[int]] = [[] for _ in range(b)]
+    tokens = torch.full((b, steps_max), pad_id, dtype=torch.long, device=device)
+    finish_step = torch.full((b,), steps_max, dtype=torch.long, device=device)
+    rows_idx = torch.arange(b, device=device)
+    pad = torch.full((b,), pad_id, dtype=torch.long, device=device)
+    ones = torch.ones_like(mask[:, :1])
+    flag = _AllFinishedFlag(device)
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
-    for step in range(s.max_new_tokens):
+    steps = 0
+    for step in range(steps_max):
         if step_logits is not None:
             step_logits.append(logits.clone())
         scores = apply_repetition_penalty(logits, seen, s.repetition_penalty)
@@ -251,23 +306,41 @@ def _sample_or_greedy(model, s, logits, mask, cache, seen, eos_ids, pad_id, gene
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             nxt = scores.argmax(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        nxt = torch.where(finished, pad, nxt)
+        tokens[:, step] = nxt
+        steps = step + 1
         if streamer is not None:
             streamer(nxt)
-        seen[torch.arange(b, device=device), nxt] |= ~finished
-        host = nxt.tolist()
+        if s.repetition_penalty != 1.0:
+            seen[rows_idx, nxt] |= ~finished
         done_now = torch.isin(nxt, eos_ids) & ~finished
-        for i in range(b):
-            if not bool(finished[i]):
-                rows[i].append(host[i])
-                if s.stop and not bool(done_now[i]) and _hit_stop(decode, rows[i], s.stop):
-                    done_now[i] = True
-        finished |= done_now
-        if bool(finished.all()) or step == s.max_new_tokens - 1:
+        if s.stop:
+            done_now = _apply_stop_strings(decode, s.stop, tokens[:, :steps], done_now, finished)
+        finish_step = torch.where(done_now, step, finish_step)
+        finished = finished | done_now
+        if step == steps_max - 1:
             break
-        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        flag.record(finished)
+        if flag.done_before_next_step():
+            break
+        mask = torch.cat((mask, ones), dim=1)
         logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_logits_only=True).logits[:, -1].float()
+        if flag.done_after_next_step_queued():
+            break  # the step just queued only fed finished rows; its logits are dropped
+    host_tokens = tokens[:, :steps].tolist()
+    lengths = (finish_step + 1).clamp_max(steps).tolist()
+    rows = [host_tokens[i][: lengths[i]] for i in range(b)]
     return rows, step_logits
+
+
+def _apply_stop_strings(decode, stops, tokens, done_now, finished) -> torch.Tensor:
+    """Mark rows whose text (up to this step) contains a stop string; host-side, every step."""
+    host = tokens.tolist()
+    running = (~finished & ~done_now).tolist()
+    hit = [running[i] and _hit_stop(decode, host[i], stops) for i in range(len(host))]
+    if not any(hit):
+        return done_now
+    return done_now | torch.tensor(hit, dtype=torch.bool, device=done_now.device)
 
 
 class _Hypotheses:

@@ -10,6 +10,12 @@ cast to the activation dtype; attention scores in the activation dtype with an a
 dtype's minimum; softmax in float32. Attention itself runs through
 :func:`torch.nn.functional.scaled_dot_product_attention`.
 
+Speed (same function, fewer kernels and host syncs): the rotary tables are computed once per forward and
+shared by all layers; whether any image position is present is checked once per forward (not in every PLoRA
+linear); a prefill without padding uses causal SDPA (no [B, 1, L, L] additive mask is built, so the flash
+kernels apply); a single-token decoding step folds the query heads of each key/value group into the query
+axis, so grouped-query attention with a padding mask runs as one plain SDPA call.
+
 Positions differ from the official code on purpose in one place: the official RoPE counts left padding (a
 padded row is rotated as if the pads were text), so a sample's answer depends on what it is batched with.
 We use each row's own positions (``cumsum(attention_mask) - 1``), which equals the official single-sample
@@ -35,10 +41,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        # x * rsqrt(mean(x^2) + eps) in float32 (one fused op on torch >= 2.4), back to x's dtype, times weight
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        if _FUSED_RMS_NORM is not None:
+            h = _FUSED_RMS_NORM(h, (h.shape[-1],), eps=self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+_FUSED_RMS_NORM = getattr(F, "rms_norm", None)
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,11 +113,15 @@ class PLoRALinear(nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None) -> torch.Tensor:
+        """``im_mask`` [B, L] bool; ``None`` means "no image position" (the decoder checks that once per pass)."""
         out = self.Plora_main(x)
-        if im_mask is None or not bool(im_mask.any()):
+        if im_mask is None:
             return out
-        lora = self.Plora_B(self.Plora_A(x)) * self.scaling
-        return out + lora.to(out.dtype) * im_mask[..., None].to(out.dtype)
+        lora = self.Plora_B(self.Plora_A(x))
+        if self.scaling != 1.0:
+            lora = lora * self.scaling
+        # out + lora * mask in one kernel (mask is 0/1, so this is bit-identical to the unfused form)
+        return torch.addcmul(out, lora.to(out.dtype), im_mask[..., None].to(out.dtype))
 
 
 @dataclass
@@ -189,7 +205,15 @@ class InternLM2Attention(nn.Module):
         cache: LayerCache | None,
         cache_start: int,
         kv_length: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
+        """One attention block.
+
+        ``attn_bias`` is the additive mask [B, 1, L, past + L] (may be ``None`` when ``causal`` is set or for a
+        single-token step without padding); ``causal=True`` means "no padding, no past": plain causal attention.
+        ``rope`` = precomputed (cos, sin) for ``positions`` (computed here when absent).
+        """
         if self.mixer is not None and aux is not None and im_mask is not None and lang_mask is not None:
             hidden_states = self.mixer(hidden_states, im_mask, lang_mask, aux)
 
@@ -201,7 +225,7 @@ class InternLM2Attention(nn.Module):
         k = qkv[:, :, :, -2].transpose(1, 2)
         v = qkv[:, :, :, -1].transpose(1, 2)
 
-        cos, sin = self.rotary(positions, kv_length, q.dtype)
+        cos, sin = rope if rope is not None else self.rotary(positions, kv_length, q.dtype)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
@@ -213,11 +237,46 @@ class InternLM2Attention(nn.Module):
             v = cache.value[:, :, :end]
 
         if self.attn_implementation == "eager":
+            if attn_bias is None:
+                attn_bias = _causal_bias(q_len, k.shape[2], q.dtype, q.device)
             out = eager_attention(q, k, v, attn_bias, self.groups)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, enable_gqa=self.groups > 1)
+            out = sdpa_attention(q, k, v, attn_bias, self.groups, causal)
         out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim)
         return self.wo(out, im_mask)
+
+
+def _causal_bias(q_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """The additive causal mask [1, 1, q_len, kv_len] (queries are the last ``q_len`` positions)."""
+    if q_len == 1:
+        return None
+    return build_attention_bias(torch.ones(1, kv_len, dtype=torch.long, device=device), q_len, kv_len - q_len, dtype)
+
+
+def sdpa_attention(q, k, v, attn_bias, groups: int, causal: bool, repeat_kv: bool | None = None) -> torch.Tensor:
+    """Grouped-query attention through SDPA, picking a form the fused kernels accept.
+
+    * ``causal`` (no padding, no past): ``is_causal=True`` with native GQA -- no mask tensor at all;
+    * a single query position: the ``groups`` query heads sharing a key/value head become ``groups`` query
+      rows of that head, so the call is plain multi-head attention with a [B, 1, 1, S] key mask;
+    * otherwise: the additive mask, with keys/values repeated per query head on CUDA (the memory-efficient
+      kernel takes masks but not GQA) and native GQA elsewhere (``repeat_kv`` overrides that choice).
+    """
+    b, h, q_len, d = q.shape
+    if causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, enable_gqa=groups > 1)
+    if q_len == 1 and groups > 1:
+        kv_heads = k.shape[1]
+        qg = q.reshape(b, kv_heads, groups, d)  # heads are kv-major: head = kv * groups + g
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=attn_bias, scale=1.0 / math.sqrt(d))
+        return out.reshape(b, h, 1, d)
+    if repeat_kv is None:
+        repeat_kv = q.device.type == "cuda"
+    if groups > 1 and repeat_kv:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, enable_gqa=groups > 1)
 
 
 def eager_attention(q, k, v, attn_bias, groups: int) -> torch.Tensor:
@@ -290,10 +349,20 @@ class InternLM2Model(nn.Module):
         ``attention_mask`` is the 2-D key mask [B, past + L] (1 = attend); ``positions`` [B, L] the rotary
         positions of the new tokens; ``cache`` (optional) receives the new keys/values after its current length.
         """
-        b, q_len, _ = inputs_embeds.shape
+        q_len = inputs_embeds.shape[1]
         past = cache.length if cache is not None else 0
         kv_length = past + q_len
-        attn_bias = build_attention_bias(attention_mask, q_len, past, inputs_embeds.dtype)
+        if attention_mask.shape[-1] != kv_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_length}")
+        dtype = inputs_embeds.dtype
+        # One host check per pass (prefill only): no image position -> PLoRA and mixer are skipped everywhere.
+        if im_mask is not None and not bool(im_mask.any()):
+            im_mask = None
+        # Causal SDPA without a mask tensor when nothing is padded (checked once, only for multi-token passes).
+        causal = past == 0 and q_len > 1 and bool(attention_mask.all())
+        needs_bias = not causal or any(layer.attention.attn_implementation == "eager" for layer in self.layers)
+        attn_bias = build_attention_bias(attention_mask, q_len, past, dtype) if needs_bias else None
+        rope = self.layers[0].attention.rotary(positions, kv_length, dtype) if self.layers else None
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(
@@ -306,6 +375,8 @@ class InternLM2Model(nn.Module):
                 cache=cache.layers[i] if cache is not None else None,
                 cache_start=past,
                 kv_length=kv_length,
+                rope=rope,
+                causal=causal,
             )
         if cache is not None:
             cache.length = kv_length
@@ -318,11 +389,13 @@ def build_attention_bias(attention_mask: torch.Tensor, q_len: int, past: int, dt
     if attention_mask.shape[-1] != kv_len:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_len}")
     device = attention_mask.device
-    q_pos = torch.arange(past, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = (k_pos <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    allowed = attention_mask[:, None, None, :].bool()
+    if q_len > 1:  # causal part (a single new token may see every key)
+        q_pos = torch.arange(past, kv_len, device=device)[:, None]
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None] & allowed
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 __all__ = [
@@ -335,4 +408,6 @@ __all__ = [
     "InternLM2DecoderLayer",
     "InternLM2Model",
     "build_attention_bias",
+    "eager_attention",
+    "sdpa_attention",
 ]

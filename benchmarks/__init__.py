@@ -1,0 +1,1 @@
+"""Benchmarks for moai-sdk: ``python -m benchmarks.run`` (see benchmarks/README.md)."""
