@@ -8,6 +8,7 @@
 #   --wheels DIR   first install the project's dependencies from local wheel files (pip --no-index)
 #   --python PY    interpreter to use (default: python3)
 #   --quick        smaller benchmark (batch sizes 1 and 4, 2 repeats, nf4 only)
+#   --no-tests     skip the CUDA tests (benchmark only)
 #   --budget S     total seconds for the whole script (default 460); the benchmark gets what is left
 #
 # Steps: report the environment; check the imports (and say what is missing and how to install it);
@@ -20,13 +21,14 @@ set -u
 usage() { sed -n '2,13p' "$0"; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
-WHEELS=""; PY=python3; QUICK=0; TOTAL=460
+WHEELS=""; PY=python3; QUICK=0; TOTAL=460; NO_TESTS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --budget) TOTAL=$2; shift 2 ;;
+    --no-tests) NO_TESTS=1; shift ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1"; usage ;;
   esac
@@ -126,6 +128,9 @@ HAVE_BNB=1; grep -q "^MISSING  bitsandbytes" "$OUT/imports.txt" && HAVE_BNB=0
 
 # ---------------------------------------------------------------------------------------------- CUDA tests
 CUDA_TESTS=$(grep -l "pytest.mark.cuda" tests/test_*.py | tr '\n' ' ')
+if [ $NO_TESTS -eq 1 ]; then
+  log "CUDA tests skipped (--no-tests)"
+else
 log "running the tests marked cuda in: $CUDA_TESTS"
 CUDA_LIMIT=$(( TOTAL / 3 )); [ $CUDA_LIMIT -gt 150 ] && CUDA_LIMIT=150
 timeout $CUDA_LIMIT $PY -m pytest -m cuda $CUDA_TESTS -q -p no:cacheprovider -rs \
@@ -135,6 +140,7 @@ tail -n 15 "$OUT/cuda-tests.log" | tee -a "$OUT/summary.txt"
 if [ $RC -eq 124 ]; then log "FAILED: CUDA tests timed out after ${CUDA_LIMIT} s"; STATUS=1;
 elif [ $RC -ne 0 ]; then log "FAILED: CUDA tests (exit $RC), see cuda-tests.log"; STATUS=1;
 else log "CUDA tests passed"; fi
+fi
 
 # ---------------------------------------------------------------------------------------------- benchmark
 QUANT="nf4 float16 official"; BATCH="1 4 8"; REPEATS=3

@@ -192,7 +192,8 @@ def _build_on(device: torch.device, dtype: torch.dtype, factory, seed: int) -> n
         torch.manual_seed(seed)
         with torch.device(device):
             model = factory()
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    # some modules create parameters with legacy constructors that ignore the device context
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def calibration_frame(size: int = 490, seed: int = 0) -> torch.Tensor:
