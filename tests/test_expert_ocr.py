@@ -97,10 +97,10 @@ def test_rapidocr_reads_rendered_text(pages, record_property):
     record_property("cer_without_spaces", cer_nospace)
     print(f"rapidocr on {len(LINES)} rendered lines: CER {cer:.2%} (spaces counted), "
           f"{cer_nospace:.2%} (spaces ignored)")
-    # The PP-OCR Chinese recogniser often drops the space between English words; the characters themselves
-    # must come back almost perfectly.
-    assert cer_nospace <= 0.05
-    assert cer <= 0.10
+    # Measured here: 4.03 % with spaces counted (the PP-OCR Chinese recogniser sometimes drops the space
+    # between English words), 0.00 % ignoring spaces.
+    assert cer <= 0.05
+    assert cer_nospace <= 0.01
 
 
 def test_rapidocr_line_geometry_and_order(pages):
