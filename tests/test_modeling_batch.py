@@ -92,14 +92,32 @@ def test_left_padded_batch_equals_single_runs(tiny_model, processor, cases_meta)
             assert rel_err(step_b[i], step_s[0]) < TOL
 
 
-def test_three_cases_batched_tokens(tiny_model, processor, cases, cases_meta):
-    """All three fixture cases as one batch (case c from its stored resized image) give the oracle's tokens."""
+def _stable_raws(cases_meta: dict) -> list[dict]:
+    """Raw inputs of all three cases; case c from its stored resized image (the resize is thread-sensitive)."""
     raws = [raw_case(cases_meta[n]) for n in CASE_NAMES]
     raws[2]["image"] = np.array(Image.open(TINY / cases_meta[CASE_NAMES[2]]["resized_image_files"][0]))
-    inputs = processor(
+    return raws
+
+
+def _inputs(processor, raws: list[dict]):
+    return processor(
         [r["image"] for r in raws], [r["prompt"] for r in raws], [r["aux"] for r in raws], [r["map"] for r in raws],
         template=[r["template"] for r in raws],
     )
+
+
+def test_three_cases_as_one_batch(tiny_model, processor, cases, cases_meta):
+    """All three fixture cases as one left-padded batch: each row's logits equal its single run (and the
+    oracle), and the greedy and beam tokens are the oracle's."""
+    raws = _stable_raws(cases_meta)
+    inputs = _inputs(processor, raws)
+    with torch.no_grad():
+        batched = tiny_model(**inputs)
+        for i, raw in enumerate(raws):
+            single = tiny_model(**_inputs(processor, [raw]))
+            n = single.logits.shape[1]
+            assert rel_err(batched.logits[i, -n:], single.logits[0]) < TOL
+            assert rel_err(batched.logits[i, -1], cases[f"{CASE_NAMES[i]}.logits_last"][0]) < TOL
     out = tiny_model.generate(**inputs, max_new_tokens=12, eos_token_id=[], return_dict=True)
     for i, n in enumerate(CASE_NAMES):
         assert out.new_tokens[i] == cases[f"{n}.new_tokens"][0].tolist()
