@@ -87,7 +87,7 @@ def test_hub_style_cache_offline(tmp_path, monkeypatch, reference_logits, cases,
 
     processor = MoAIProcessor.from_pretrained("BK-Lee/MoAI-tiny", cache_dir=cache)
     assert processor.tokenizer.image_token_id == 1000
-    with pytest.raises(CheckpointError, match="not available|local cache"):
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
         MoAIForCausalLM.from_pretrained("BK-Lee/not-cached", cache_dir=cache, device="cpu")
 
 

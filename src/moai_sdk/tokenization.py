@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError, DependencyError, InputError
+from .hub import resolve_file
 from .prompts import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 IGNORE_INDEX = -100
 
 _CHAT_MARKER = re.compile(r"^\[UNUSED_TOKEN_\d+\]$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -48,103 +48,9 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_model_file(
-    path_or_repo_id: str | os.PathLike,
-    filename: str,
-    *,
-    required: bool = True,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-) -> Path | None:
-    """Path of ``filename`` inside a local model folder or a Hub repository (downloaded into the HF cache).
-
-    Returns ``None`` for a missing optional file (``required=False``); a missing required file, an unknown
-    repository or revision, or a failed download raise :class:`CheckpointError`.
-    """
-    source = os.fspath(path_or_repo_id)
-    local = Path(source).expanduser()
-    if local.is_dir():
-        candidate = local / filename
-        if candidate.is_file():
-            return candidate
-        if required:
-            raise CheckpointError(f"{filename!r} not found in the model folder {str(local)!r}")
-        return None
-    if local.exists():
-        raise CheckpointError(f"{source!r} is a file; pass the folder that holds {filename!r} (or a Hub repo id)")
-    if not _REPO_ID.match(source) or source.count("/") > 1:
-        raise CheckpointError(
-            f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')"
-        )
-    return _hub_download(
-        source,
-        filename,
-        required=required,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-    )
-
-
-def _hub_download(
-    repo_id: str,
-    filename: str,
-    *,
-    required: bool,
-    revision: str | None,
-    cache_dir: str | os.PathLike | None,
-    token: str | bool | None,
-    local_files_only: bool,
-) -> Path | None:
-    try:
-        import huggingface_hub
-        from huggingface_hub.utils import (
-            EntryNotFoundError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError as exc:  # pragma: no cover - huggingface-hub is a core dependency
-        raise DependencyError(
-            "loading from the Hugging Face Hub needs huggingface-hub: pip install huggingface-hub"
-        ) from exc
-
-    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
-        path = huggingface_hub.hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        )
-    except LocalEntryNotFoundError as exc:
-        if not required:
-            logger.debug("optional file %s of %s is not available offline: %s", filename, where, exc)
-            return None
-        raise CheckpointError(
-            f"{filename!r} of {where} is not in the local Hugging Face cache and could not be downloaded "
-            f"(offline, or local_files_only=True). Download it once with network access or pass a local folder."
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise CheckpointError(
-            f"Hub repository {where} not found or not accessible; check the id, or pass token= for a "
-            "private or gated repository"
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise CheckpointError(f"revision {revision!r} not found in the Hub repository {repo_id!r}") from exc
-    except EntryNotFoundError as exc:
-        if not required:
-            logger.debug("optional file %s not in %s", filename, where)
-            return None
-        raise CheckpointError(f"the Hub repository {where} has no file {filename!r}") from exc
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"could not fetch {filename!r} from {where}: {exc}") from exc
-    return Path(path)
+def resolve_model_file(path_or_repo_id: str | os.PathLike, filename: str, **kwargs: Any) -> Path | None:
+    """Path of ``filename`` in a local model folder or a Hub repository (see :func:`moai_sdk.hub.resolve_file`)."""
+    return resolve_file(path_or_repo_id, filename, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -106,21 +106,14 @@ def resolve_weight_file(expert: "Expert", *, suffixes: tuple[str, ...] = (".pt",
         if len(parts) < 3:
             raise ConfigError(f"{spec!r}: write Hub files as hf://owner/repo/path/to/file.pt")
         repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        from huggingface_hub import hf_hub_download
+        from ..hub import download
 
-        try:
-            return hf_hub_download(
-                repo_id,
-                filename,
-                revision=expert.revision,
-                cache_dir=expert.cache_dir,
-                token=expert.token,
+        return str(
+            download(
+                repo_id, filename, revision=expert.revision, cache_dir=expert.cache_dir, token=expert.token,
                 local_files_only=expert.local_files_only,
             )
-        except Exception as exc:  # huggingface_hub raises several unrelated types; all mean "not available"
-            raise CheckpointError(
-                f"expert {expert.name!r}: cannot fetch {filename!r} from {repo_id!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+        )
     path = Path(spec).expanduser()
     if path.is_file():
         return str(path)

@@ -25,7 +25,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DependencyError, MissingKeysError, UnsafeCheckpointError
+from ..errors import CheckpointError, ConfigError, MissingKeysError, UnsafeCheckpointError
+from ..hub import download, is_repo_id, offline
 from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig
 from .quantization import QUANTIZATION_MODES, quantize_linear_weight, replace_linears_for_quantization
 from .vision import interpolate_position_table
@@ -55,53 +56,6 @@ class CheckpointFiles:
     format: str  # "safetensors" | "bin"
     revision: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _offline(local_files_only: bool) -> bool:
-    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_download(repo_id: str, filename: str, *, revision=None, cache_dir=None, token=None, local_files_only=False, repo_type=None) -> Path:
-    """``hf_hub_download`` with our errors. Raises ``FileNotFoundError`` when the file is not in the repo."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=_offline(local_files_only),
-                repo_type=repo_type,
-            )
-        )
-    except EntryNotFoundError as exc:
-        raise FileNotFoundError(filename) from exc
-    except LocalEntryNotFoundError as exc:
-        if _offline(local_files_only):
-            raise FileNotFoundError(filename) from exc
-        raise CheckpointError(
-            f"cannot download {filename!r} from {repo_id!r}: the Hub is unreachable and the file is not cached. "
-            "Check your network, or run `moai download` where the Hub is reachable and copy the cache."
-        ) from exc
-    except GatedRepoError as exc:
-        raise CheckpointError(f"{repo_id!r} is gated: accept its terms on the Hub and pass token=... (or `hf auth login`)") from exc
-    except RevisionNotFoundError as exc:
-        raise CheckpointError(f"revision {revision!r} does not exist in {repo_id!r}") from exc
-    except RepositoryNotFoundError as exc:
-        raise CheckpointError(
-            f"{repo_id!r} is neither a local directory nor a Hub repository you can access "
-            "(check the spelling, or pass token=... for a private repo)"
-        ) from exc
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -145,33 +99,23 @@ def resolve_checkpoint(
         if (local / BIN_WEIGHTS).is_file():
             return CheckpointFiles(source, local, config, [local / BIN_WEIGHTS], "bin")
         raise CheckpointError(f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
-    if local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if local.exists() or source.startswith((".", "/", "~")) or not is_repo_id(source):
         raise CheckpointError(f"{source!r} is not a directory; pass a checkpoint directory or a Hub repo id like 'BK-Lee/MoAI-7B'")
 
     kw = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-    try:
-        config_path = hub_download(source, CONFIG_NAME, **kw)
-    except FileNotFoundError as exc:
-        raise CheckpointError(
-            f"{CONFIG_NAME} of {source!r} is not available"
-            + (" in the local cache (offline mode): run `moai download` first" if _offline(local_files_only) else "")
-        ) from exc
+    config_path = download(source, CONFIG_NAME, **kw)
     config = _read_json(config_path)
     for index_name, single_name, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"), (BIN_INDEX, BIN_WEIGHTS, "bin")):
-        try:
-            index_path = hub_download(source, index_name, **kw)
-        except FileNotFoundError:
-            index_path = None
+        index_path = download(source, index_name, required=False, **kw)
         if index_path is not None:
-            files = [hub_download(source, shard, **kw) for shard in _shards_from_index(index_path)]
+            files = [download(source, shard, **kw) for shard in _shards_from_index(index_path)]
             return CheckpointFiles(source, config_path.parent, config, files, fmt, revision)
-        try:
-            return CheckpointFiles(source, config_path.parent, config, [hub_download(source, single_name, **kw)], fmt, revision)
-        except FileNotFoundError:
-            continue
+        single = download(source, single_name, required=False, **kw)
+        if single is not None:
+            return CheckpointFiles(source, config_path.parent, config, [single], fmt, revision)
     raise CheckpointError(
         f"no weights found for {source!r} (looked for {SAFE_INDEX}, {SAFE_WEIGHTS}, {BIN_INDEX}, {BIN_WEIGHTS}"
-        + (" in the local cache" if _offline(local_files_only) else "")
+        + (" in the local cache" if offline(local_files_only) else "")
         + ")"
     )
 
@@ -374,11 +318,10 @@ def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub_kwargs: dict[
     """Weights of the CLIP vision tower from the Hub (its safetensors), position table interpolated."""
     files = None
     for name in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            files = (name, hub_download(vision_id, name, **hub_kwargs))
+        path = download(vision_id, name, required=False, **hub_kwargs)
+        if path is not None:
+            files = (name, path)
             break
-        except FileNotFoundError:
-            continue
     if files is None:
         raise CheckpointError(f"the checkpoint has no vision weights and {vision_id!r} has none to load either")
     name, path = files
@@ -541,5 +484,4 @@ __all__ = [
     "load_bin_state_dict",
     "resolve_device",
     "resolve_dtype",
-    "hub_download",
 ]

@@ -292,34 +292,12 @@ def download_checkpoint(
     Honours ``HF_HUB_OFFLINE`` / ``local_files_only`` like every other component; failures become
     :class:`CheckpointError` naming the fix.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    from ...hub import download
 
-    where = f"{repo_type or 'model'} {repo_id!r}, file {filename!r}" + (f", revision {revision!r}" if revision else "")
-    try:
-        path = hf_hub_download(
-            repo_id=repo_id,
-            filename=filename,
-            repo_type=repo_type,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-        )
-    except LocalEntryNotFoundError as exc:
-        raise CheckpointError(
-            f"the PSGTR checkpoint ({where}) is not in the local Hugging Face cache and downloading is disabled "
-            "(offline mode or local_files_only=True). Download it once with `huggingface-cli download "
-            f"--repo-type {repo_type or 'model'} {repo_id} {filename}` or pass a local file as model_id"
-        ) from exc
-    except EntryNotFoundError as exc:
-        raise CheckpointError(f"the Hub has no PSGTR checkpoint at {where}: {exc}") from exc
-    except (OSError, ValueError) as exc:  # HTTP, network and validation errors of huggingface_hub
-        raise CheckpointError(
-            f"could not fetch the PSGTR checkpoint ({where}): {type(exc).__name__}: {exc}. Check the network / "
-            "token, or pass a local file as model_id"
-        ) from exc
-    return Path(path)
+    return download(
+        repo_id, filename, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
+        local_files_only=local_files_only, token=token,
+    )
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -1,0 +1,133 @@
+"""Fetching files from the Hugging Face Hub (or finding them in a local folder), one way for every component.
+
+The LLM checkpoint, the tokenizer, the CLIP tower, PSGTR's checkpoint and expert weight files all come through
+:func:`download` / :func:`resolve_file`, so revision, ``cache_dir``, ``token``, ``local_files_only`` and
+``HF_HUB_OFFLINE`` behave the same everywhere, and every failure is a :class:`~moai_sdk.CheckpointError` that
+says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def offline(local_files_only: bool = False) -> bool:
+    """True when nothing may be downloaded (``local_files_only`` or ``HF_HUB_OFFLINE`` set now)."""
+    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_repo_id(value: str) -> bool:
+    return bool(_REPO_ID.match(value)) and value.count("/") <= 1
+
+
+def download(
+    repo_id: str,
+    filename: str,
+    *,
+    required: bool = True,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    repo_type: str | None = None,
+) -> Path | None:
+    """Local path of ``filename`` from a Hub repo (downloaded into the Hub cache unless already there).
+
+    A file the repo does not have -- or, offline, a file that is not cached -- gives ``None`` when
+    ``required=False`` and a :class:`CheckpointError` otherwise.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    no_network = offline(local_files_only)
+    where = f"{repo_type + ' ' if repo_type else ''}{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=no_network,
+                repo_type=repo_type,
+            )
+        )
+    except LocalEntryNotFoundError as exc:
+        if not required:
+            logger.debug("optional file %s of %s is not available: %s", filename, where, exc)
+            return None
+        fetch = f"`hf download {repo_id} {filename}" + (f" --repo-type {repo_type}" if repo_type else "") + "`"
+        if no_network:
+            raise CheckpointError(
+                f"{filename!r} of {where} is not in the local Hugging Face cache and downloading is off "
+                f"(HF_HUB_OFFLINE or local_files_only=True): run {fetch} or `moai download` where the Hub is "
+                "reachable, or pass a local folder"
+            ) from exc
+        raise CheckpointError(
+            f"cannot download {filename!r} from {where}: it is not in the local Hugging Face cache and the Hub is "
+            f"unreachable. Check your network, or run {fetch} elsewhere and copy the cache"
+        ) from exc
+    except EntryNotFoundError as exc:  # after LocalEntryNotFoundError, which subclasses it in some versions
+        if not required:
+            return None
+        raise CheckpointError(f"{where} has no file {filename!r}") from exc
+    except GatedRepoError as exc:
+        raise CheckpointError(f"{where} is gated: accept its terms on the Hub and pass token=... (or `hf auth login`)") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"revision {revision!r} does not exist in {repo_id!r}") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(
+            f"{where} is neither a local folder nor a Hub repository you can access "
+            "(check the spelling, or pass token=... for a private repo)"
+        ) from exc
+    except (OSError, ValueError) as exc:  # HTTP and validation errors of huggingface_hub
+        raise CheckpointError(f"could not fetch {filename!r} from {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    *,
+    required: bool = True,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path | None:
+    """``filename`` inside a local model folder, or fetched from the Hub repo ``path_or_repo_id``."""
+    source = os.fspath(path_or_repo_id)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        candidate = local / filename
+        if candidate.is_file():
+            return candidate
+        if required:
+            raise CheckpointError(f"{filename!r} not found in the model folder {str(local)!r}")
+        return None
+    if local.exists():
+        raise CheckpointError(f"{source!r} is a file; pass the folder that holds {filename!r} (or a Hub repo id)")
+    if not is_repo_id(source):
+        raise CheckpointError(f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')")
+    return download(
+        source, filename, required=required, revision=revision, cache_dir=cache_dir, token=token,
+        local_files_only=local_files_only,
+    )
+
+
+__all__ = ["download", "resolve_file", "offline", "is_repo_id"]
