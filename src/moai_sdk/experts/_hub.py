@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
 
 from ..errors import CheckpointError, ConfigError, DependencyError
 
@@ -164,6 +166,34 @@ def keeps_thread_settings(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def ultralytics_predict(expert: "Expert", images: Sequence[Any], **extra: Any) -> Iterator[tuple[Any, Any]]:
+    """Run an ultralytics model over uint8 CHW RGB frames in batches: yields ``(frame, prediction)`` pairs.
+
+    ultralytics reads numpy images as BGR (OpenCV order), so the frames are flipped to BGR here.
+    """
+    s = expert.settings
+    for chunk in chunks(images, s["batch_size"]):
+        arrays = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()[..., ::-1]) for img in chunk]
+        predictions = expert.model.predict(
+            arrays,
+            conf=s["conf"],
+            iou=s["iou"],
+            imgsz=s["imgsz"],
+            max_det=s["max_det"],
+            device=ultralytics_device(expert.device),
+            **ultralytics_precision_kwargs(expert.dtype),
+            verbose=False,
+            **extra,
+        )
+        yield from zip(chunk, predictions)
+
+
 @keeps_thread_settings
 def import_ultralytics(*, offline: bool = False) -> Any:
     """Import ultralytics lazily; :class:`DependencyError` with the pip command when it is missing.
@@ -214,6 +244,8 @@ def ultralytics_precision_kwargs(dtype: Any) -> dict[str, Any]:
 
 __all__ = [
     "import_ultralytics",
+    "chunks",
+    "ultralytics_predict",
     "keeps_thread_settings",
     "ultralytics_precision_kwargs",
     "ultralytics_device",

@@ -27,11 +27,12 @@ from ..errors import ConfigError
 from ..results import Box, Detection, PerceptionResult, load_vocab
 from ._hub import (
     image_processor_backend_kwargs,
+    chunks,
     import_ultralytics,
     keeps_thread_settings,
+    ultralytics_predict,
     load_pretrained,
     resolve_weight_file,
-    ultralytics_device,
     ultralytics_precision_kwargs,
 )
 from .base import Expert, register_expert
@@ -65,11 +66,6 @@ def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> N
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}")
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def detections_result(
@@ -255,7 +251,7 @@ class Owlv2Expert(Expert):
         s = self.settings
         step = 1 if s["reencode_queries"] else s["batch_size"]
         results: list[PerceptionResult] = []
-        for chunk in _chunks(images, step):
+        for chunk in chunks(images, step):
             with torch.inference_mode():
                 outputs = self.raw_outputs(chunk)
                 sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in chunk]
@@ -331,27 +327,13 @@ class YoloWorldExpert(Expert):
 
     @keeps_thread_settings
     def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
-        s = self.settings
         out: list[PerceptionResult] = []
-        for chunk in _chunks(images, s["batch_size"]):
-            # ultralytics reads numpy images as BGR (OpenCV order)
-            arrays = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()[..., ::-1]) for img in chunk]
-            predictions = self.model.predict(
-                arrays,
-                conf=s["conf"],
-                iou=s["iou"],
-                imgsz=s["imgsz"],
-                max_det=s["max_det"],
-                device=ultralytics_device(self.device),
-                **ultralytics_precision_kwargs(self.dtype),
-                verbose=False,
-            )
-            for img, pred in zip(chunk, predictions):
-                boxes = pred.boxes
-                if boxes is None or len(boxes) == 0:
-                    out.append(detections_result(img, np.zeros((0, 4)), np.zeros(0), np.zeros(0), self.queries))
-                    continue
-                out.append(detections_result(img, boxes.xyxy, boxes.conf, boxes.cls.long(), self.queries))
+        for img, pred in ultralytics_predict(self, images):
+            boxes = pred.boxes
+            if boxes is None or len(boxes) == 0:
+                out.append(detections_result(img, np.zeros((0, 4)), np.zeros(0), np.zeros(0), self.queries))
+                continue
+            out.append(detections_result(img, boxes.xyxy, boxes.conf, boxes.cls.long(), self.queries))
         return out
 
 

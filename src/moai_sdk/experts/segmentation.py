@@ -25,11 +25,12 @@ from ..errors import ConfigError, ExpertError
 from ..results import PerceptionResult, Segment, load_vocab
 from ._hub import (
     image_processor_backend_kwargs,
+    chunks,
     import_ultralytics,
     keeps_thread_settings,
+    ultralytics_predict,
     load_pretrained,
     resolve_weight_file,
-    ultralytics_device,
     ultralytics_precision_kwargs,
 )
 from .base import Expert, register_expert
@@ -91,11 +92,6 @@ def panoptic_result(
     return PerceptionResult(
         image_width=w, image_height=h, frame_width=w, frame_height=h, segments=segments, panoptic_ids=ids
     )
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -183,7 +179,7 @@ class Mask2FormerExpert(Expert):
     def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
         s = self.settings
         results: list[PerceptionResult] = []
-        for chunk in _chunks(images, s["batch_size"]):
+        for chunk in chunks(images, s["batch_size"]):
             sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in chunk]
             with torch.inference_mode():
                 outputs = self._forward(list(chunk))
@@ -326,34 +322,20 @@ class YoloSegExpert(Expert):
 
     @keeps_thread_settings
     def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
-        s = self.settings
         out: list[PerceptionResult] = []
-        for chunk in _chunks(images, s["batch_size"]):
-            # ultralytics reads numpy images as BGR (OpenCV order)
-            arrays = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()[..., ::-1]) for img in chunk]
-            predictions = self.model.predict(
-                arrays,
-                conf=s["conf"],
-                iou=s["iou"],
-                imgsz=s["imgsz"],
-                max_det=s["max_det"],
-                retina_masks=True,
-                device=ultralytics_device(self.device),
-                **ultralytics_precision_kwargs(self.dtype),
-                verbose=False,
-            )
-            for img, pred in zip(chunk, predictions):
-                h, w = int(img.shape[-2]), int(img.shape[-1])
-                if pred.masks is None or pred.boxes is None or len(pred.boxes) == 0:
-                    masks, scores, labels = np.zeros((0, h, w), bool), np.zeros(0), []
-                else:
-                    masks = pred.masks.data.detach().to("cpu").numpy() > 0.5
-                    scores = pred.boxes.conf.detach().to("cpu").float().numpy()
-                    labels = [self.class_map[int(c)] for c in pred.boxes.cls.detach().to("cpu").tolist()]
-                if masks.shape[1:] != (h, w):
-                    raise ExpertError(self.name, f"masks came back {masks.shape[1:]} for a {h}x{w} frame")
-                ids, infos = instances_to_panoptic(masks, scores, labels, s["overlap_mask_area_threshold"])
-                out.append(panoptic_result(img, ids, infos, keep_masks=s["keep_masks"]))
+        s = self.settings
+        for img, pred in ultralytics_predict(self, images, retina_masks=True):
+            h, w = int(img.shape[-2]), int(img.shape[-1])
+            if pred.masks is None or pred.boxes is None or len(pred.boxes) == 0:
+                masks, scores, labels = np.zeros((0, h, w), bool), np.zeros(0), []
+            else:
+                masks = pred.masks.data.detach().to("cpu").numpy() > 0.5
+                scores = pred.boxes.conf.detach().to("cpu").float().numpy()
+                labels = [self.class_map[int(c)] for c in pred.boxes.cls.detach().to("cpu").tolist()]
+            if masks.shape[1:] != (h, w):
+                raise ExpertError(self.name, f"masks came back {masks.shape[1:]} for a {h}x{w} frame")
+            ids, infos = instances_to_panoptic(masks, scores, labels, s["overlap_mask_area_threshold"])
+            out.append(panoptic_result(img, ids, infos, keep_masks=s["keep_masks"]))
         return out
 
 

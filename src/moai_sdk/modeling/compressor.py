@@ -13,7 +13,6 @@ each sample exactly its single-sample result (padding keys are masked out).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MoAIConfig
