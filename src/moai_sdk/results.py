@@ -333,6 +333,31 @@ class _Model(BaseModel):
     __hash__ = None  # type: ignore[assignment]
 
 
+class _Document(_Model):
+    """A top-level result: JSON out and back (masks and the frame image only when asked), and its schema."""
+
+    def to_json(self, include_masks: bool = False, *, include_image: bool = False,
+                indent: Optional[int] = None) -> str:
+        """Serialise to JSON. Masks (COCO RLE) and ``panoptic_ids`` only with ``include_masks=True``; the
+        frame image only with ``include_image=True``. Floats round-trip exactly."""
+        return self.model_dump_json(
+            indent=indent, context={"include_masks": include_masks, "include_image": include_image}
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes):
+        """Parse :meth:`to_json` output; raises :class:`InputError` on malformed input."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise InputError(f"not a valid {cls.__name__} JSON: {exc}") from exc
+
+    @classmethod
+    def json_schema(cls) -> dict:
+        """The JSON schema of :meth:`to_json` output."""
+        return cls.model_json_schema(mode="serialization")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # result types
 # ----------------------------------------------------------------------------------------------------------
@@ -531,7 +556,7 @@ _TASK_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class PerceptionResult(_Model):
+class PerceptionResult(_Document):
     """Everything the perception experts found in one image.
 
     ``image_width`` / ``image_height`` are the original image size; ``frame_width`` / ``frame_height`` the
@@ -682,29 +707,6 @@ class PerceptionResult(_Model):
         data["frame_image"] = self.frame_image if self.frame_image is not None else other.frame_image
         return PerceptionResult.model_validate(data)
 
-    # --- JSON ---------------------------------------------------------------------------------------------
-
-    def to_json(self, include_masks: bool = False, *, include_image: bool = False,
-                indent: Optional[int] = None) -> str:
-        """Serialise to JSON. Masks (COCO RLE) and ``panoptic_ids`` only with ``include_masks=True``; the
-        frame image only with ``include_image=True``. Floats round-trip exactly."""
-        return self.model_dump_json(
-            indent=indent, context={"include_masks": include_masks, "include_image": include_image}
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "PerceptionResult":
-        """Parse :meth:`to_json` output; raises :class:`InputError` on malformed input."""
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise InputError(f"not a valid {cls.__name__} JSON: {exc}") from exc
-
-    @classmethod
-    def json_schema(cls) -> dict:
-        """The JSON schema of :meth:`to_json` output."""
-        return cls.model_json_schema(mode="serialization")
-
     # --- pictures -----------------------------------------------------------------------------------------
 
     def plot(self, image: Any = None, **kwargs: Any) -> "PILImage.Image":
@@ -728,7 +730,7 @@ class PerceptionResult(_Model):
         return path
 
 
-class MoAIResult(_Model):
+class MoAIResult(_Document):
     """The answer of the MoAI pipeline for one image + prompt.
 
     ``text`` is the generated answer, ``prompt`` the user prompt, ``aux_text`` the verbalized perception the
@@ -771,23 +773,6 @@ class MoAIResult(_Model):
             return path
         return self._perception().save(path, image, **kwargs)
 
-    def to_json(self, include_masks: bool = False, *, include_image: bool = False,
-                indent: Optional[int] = None) -> str:
-        """JSON of the whole result (masks and image as in :meth:`PerceptionResult.to_json`)."""
-        return self.model_dump_json(
-            indent=indent, context={"include_masks": include_masks, "include_image": include_image}
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "MoAIResult":
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise InputError(f"not a valid {cls.__name__} JSON: {exc}") from exc
-
-    @classmethod
-    def json_schema(cls) -> dict:
-        return cls.model_json_schema(mode="serialization")
 
 
 __all__ = [
