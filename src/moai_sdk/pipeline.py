@@ -304,8 +304,9 @@ class MoAIPipeline:
         self.dtype = dtype
         if quantization is not None and self.device.type != "cuda":
             logger.warning(
-                "quantization=%r needs a CUDA GPU (bitsandbytes kernels); loading the model unquantized on %s",
-                quantization, self.device,
+                "quantization=%r is for CUDA GPUs (bitsandbytes' CPU 4/8-bit kernels are slow); loading the model "
+                "unquantized on %s. To force it, load MoAIForCausalLM.from_pretrained(..., quantization=%r)",
+                quantization, self.device, quantization,
             )
             quantization = None
         self.quantization = quantization
