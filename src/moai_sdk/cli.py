@@ -466,8 +466,10 @@ def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
     quant = {
         "bitsandbytes_installed": bnb_installed,
         "quantization_usable": bnb_installed and cuda["available"],
-        "note": None if (bnb_installed and cuda["available"]) else
-        "nf4/int8 quantization needs bitsandbytes and a CUDA GPU; without them the model loads unquantized",
+        "note": None if (bnb_installed and cuda["available"]) else (
+            "bitsandbytes runs 4/8-bit on CPU too, but slowly: the pipeline loads unquantized without a CUDA GPU"
+            if bnb_installed else
+            "nf4/int8 quantization needs bitsandbytes: pip install 'moai-sdk[quant]'; the model loads unquantized"),
     }
     from .experts.base import available_experts
 
@@ -527,7 +529,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines += [f"  {i}: {name}" for i, name in enumerate(c.get("devices", []))]
     q = data["quantization"]
     lines.append(f"bitsandbytes: {'installed' if q['bitsandbytes_installed'] else 'not installed'}; "
-                 f"quantization {'usable' if q['quantization_usable'] else 'not usable'}")
+                 f"quantization {'usable (CUDA)' if q['quantization_usable'] else 'off in the pipeline'}"
+                 + (f" ({q['note']})" if q.get("note") else ""))
     lines.append("experts: " + "; ".join(f"{t}: {', '.join(n) or '-'}" for t, n in data["experts"].items()))
     cache = data["cache"]
     lines.append(f"hub cache: {cache['path']}{' [offline]' if data['hub_offline'] else ''}")
