@@ -68,9 +68,9 @@ def test_configuration_is_lazy_and_readable(tiny_root):
     p = tiny_pipeline(tiny_root)
     assert not any(p.loaded.values())
     text = repr(p)
-    assert "moai" in text and "mask2former" in text and "owlv2" in text and "rapidocr" in text
+    assert "moai" in text and "mask2former" in text and "owlv2" in text and "rapidocr" in text and "psgtr" in text
     assert "not loaded" in text and "template='chat'" in text
-    assert set(p.experts) == {"segmentation", "detection", "ocr"}
+    assert set(p.experts) == {"segmentation", "detection", "scene_graph", "ocr"}
     assert p.to("cpu") is p and all(e.device == torch.device("cpu") for e in p.experts.values())
     p.load()
     assert all(p.loaded.values())
@@ -83,7 +83,10 @@ def test_single_call_returns_a_complete_result(pipe, first):
     assert isinstance(r, MoAIResult)
     assert r.prompt == "What is written in the image?"
     assert isinstance(r.perception, PerceptionResult)
-    assert r.perception.sources == {"segmentation": "mask2former", "detection": "owlv2", "ocr": "rapidocr"}
+    assert r.perception.sources == {
+        "segmentation": "mask2former", "detection": "owlv2", "scene_graph": "psgtr", "ocr": "rapidocr"
+    }
+    assert not any("scene graph" in w for w in r.perception.warnings)
     assert (r.perception.image_width, r.perception.image_height) == (640, 480)
     assert (r.perception.frame_width, r.perception.frame_height) == (490, 490)
     assert any("MOAI" in line.text for line in r.perception.text_lines)  # the real OCR read the picture
@@ -94,7 +97,7 @@ def test_single_call_returns_a_complete_result(pipe, first):
     assert 1 <= counts["generated"] <= 8
     assert counts["aux"] == len(pipe.tokenizer.encode(r.aux_text))
     assert counts["context"] == counts["prompt"] + 1225
-    assert {"expert.mask2former", "expert.owlv2", "expert.rapidocr"} | STAGES <= set(r.timings)
+    assert {"expert.mask2former", "expert.owlv2", "expert.psgtr", "expert.rapidocr"} | STAGES <= set(r.timings)
     assert all(t >= 0 for t in r.timings.values())
     assert r.timings["total"] >= r.timings["prefill"] + r.timings["decode"]
     assert r.timings["load"] > 0  # this call loaded the model (kept out of "total")
@@ -158,7 +161,7 @@ def test_streaming_pieces_add_up_to_the_answer(pipe, first, image):
     before = pipe.cache.stats
     items = list(pipe.stream(image, first.prompt, max_new_tokens=8))
     after = pipe.cache.stats
-    assert after.hits == before.hits + 3 and after.misses == before.misses  # a second question: experts cached
+    assert after.hits == before.hits + 4 and after.misses == before.misses  # a second question: experts cached
     *pieces, final = items
     assert isinstance(final, MoAIResult) and all(isinstance(p, str) and p for p in pieces)
     assert "".join(pieces) == final.text

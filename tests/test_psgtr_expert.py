@@ -67,7 +67,7 @@ def test_missing_weights_raise_a_checkpoint_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     exp = create_expert("psgtr", cache_dir=str(tmp_path), device="cpu")
-    with pytest.raises(CheckpointError, match="huggingface-cli download"):
+    with pytest.raises(CheckpointError, match="hf download ECCV2022/PSG"):
         exp.load()
 
 
@@ -160,3 +160,23 @@ def test_cuda_matches_cpu(weights_file, frames):
         results = exp.predict(frames)
         assert [r.sources for r in results] == [{"scene_graph": "psgtr"}] * len(frames)
         assert next(exp.model.parameters()).device.type == "cuda"
+
+
+def test_tiny_psgtr_runs_through_the_expert(tmp_path):
+    """The tiny ResNet-18 PSGTR of moai_sdk.experts.tiny loads through the same expert and returns typed results;
+    an unknown architecture field is refused."""
+    from moai_sdk.errors import ConfigError
+    from moai_sdk.experts import create_expert
+    from moai_sdk.experts.tiny import build_tiny_psgtr, tiny_psgtr_settings
+
+    weights = build_tiny_psgtr(tmp_path / "psgtr.safetensors", seed=0)
+    expert = create_expert("psgtr", model_id=str(weights), device="cpu", **tiny_psgtr_settings())
+    frames = [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    results = expert.predict(frames)
+    assert [r.sources for r in results] == [{"scene_graph": "psgtr"}] * 2
+    for r in results:
+        assert all(0 <= rel.subject_index < len(r.scene_graph_objects) for rel in r.relations)
+        assert all(0 <= rel.predicate_index < 56 for rel in r.relations)
+    assert expert.model.config.depth == 18 and expert.model.config.num_queries == 10
+    with pytest.raises(ConfigError, match="unknown field"):
+        create_expert("psgtr", model_id=str(weights), architecture={"depth": 18, "width": 3})

@@ -212,8 +212,7 @@ def build_tiny_experts(directory: PathLike, *, seed: int = 0, ocr: bool = True) 
 
     Returns ``{"segmentation": {"name": "mask2former", "model_id": ...}, "detection": {"name": "owlv2",
     "model_id": ...}, "ocr": "rapidocr"}`` (OCR only with ``ocr=True``; RapidOCR ships its real models, which
-    run offline). The tiny scene-graph expert is added when the installed experts provide a builder for it.
-    Folders already built are reused.
+    run offline), and a tiny PSGTR (ResNet-18) for the scene graph. Folders already built are reused.
     """
     from .experts import tiny
 
@@ -227,12 +226,10 @@ def build_tiny_experts(directory: PathLike, *, seed: int = 0, ocr: bool = True) 
     if not (owl / "config.json").is_file():
         tiny.build_tiny_owlv2(owl, seed=seed)
     spec["detection"] = {"name": "owlv2", "model_id": str(owl)}
-    builder = getattr(tiny, "build_tiny_psgtr", None)  # (path, *, seed) -> weights file, when provided
-    if builder is not None:
-        sgg = root / "psgtr.safetensors"
-        if not sgg.is_file():
-            sgg = Path(builder(sgg, seed=seed))
-        spec["scene_graph"] = {"name": "psgtr", "model_id": str(sgg)}
+    sgg = root / "psgtr.safetensors"
+    if not sgg.is_file():
+        tiny.build_tiny_psgtr(sgg, seed=seed)
+    spec["scene_graph"] = {"name": "psgtr", "model_id": str(sgg), **tiny.tiny_psgtr_settings()}
     if ocr:
         spec["ocr"] = "rapidocr"
     return spec

@@ -178,4 +178,49 @@ def build_tiny_owlv2(directory: PathLike, *, seed: int = 0) -> Path:
     return out
 
 
-__all__ = ["TINY_IMAGE_SIZE", "TINY_OWLV2_MAX_TOKENS", "build_tiny_mask2former", "build_tiny_owlv2"]
+#: Structure of the tiny PSGTR (ResNet-18, one encoder and one decoder layer, 10 queries) and the input size
+#: its expert should use: pass both to the ``psgtr`` expert (see :func:`tiny_psgtr_settings`).
+TINY_PSGTR_ARCHITECTURE: dict = {
+    "depth": 18,
+    "num_queries": 10,
+    "embed_dim": 128,
+    "num_heads": 8,
+    "ffn_dim": 128,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+}
+
+
+def tiny_psgtr_settings() -> dict:
+    """Settings of the ``psgtr`` expert for :func:`build_tiny_psgtr` weights (input resized to 256 px, not 800)."""
+    return {"architecture": dict(TINY_PSGTR_ARCHITECTURE), "scale": (256, 256)}
+
+
+def build_tiny_psgtr(path: PathLike, *, seed: int = 0) -> Path:
+    """Save random weights of a tiny PSGTR (:data:`TINY_PSGTR_ARCHITECTURE`) as one safetensors file.
+
+    Same code path as the official model (backbone, DETR transformer, heads, mask heads, MoAI post-processing),
+    at a size that runs in well under a second per image on a CPU. Load it with
+    ``create_expert("psgtr", model_id=path, **tiny_psgtr_settings())``.
+    """
+    from safetensors.torch import save_file
+
+    from .scene_graph.config import PSGTRConfig
+    from .scene_graph.synthetic import synthetic_state_dict
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = synthetic_state_dict(PSGTRConfig().replace(**TINY_PSGTR_ARCHITECTURE), seed=seed)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
+__all__ = [
+    "TINY_IMAGE_SIZE",
+    "TINY_OWLV2_MAX_TOKENS",
+    "TINY_PSGTR_ARCHITECTURE",
+    "build_tiny_mask2former",
+    "build_tiny_owlv2",
+    "build_tiny_psgtr",
+    "tiny_psgtr_settings",
+]

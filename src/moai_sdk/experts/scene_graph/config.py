@@ -35,7 +35,8 @@ class PSGTRConfig:
     """Structure of the PSGTR network and the settings of its MoAI pre/post-processing.
 
     Architecture (must match the checkpoint):
-        depth: ResNet depth of the backbone (torchvision layout, stride on the 3x3 conv).
+        depth: ResNet depth of the backbone (torchvision layout, stride on the 3x3 conv); the official model is
+            50, and 18/34 exist for tiny test models.
         num_classes: entity classes without background (133 COCO-panoptic classes; background is appended last).
         num_relations: predicates without the "no relation" column (56; that column is index 0 of the head).
         num_queries: learned triplet queries.
@@ -102,8 +103,10 @@ class PSGTRConfig:
     mask_head_chunk: int | None = 25
 
     def __post_init__(self) -> None:
-        if self.depth not in (50, 101):
-            raise ConfigError(f"PSGTR backbone depth must be 50 or 101; got {self.depth}")
+        if self.depth not in (18, 34, 50, 101):
+            raise ConfigError(f"PSGTR backbone depth must be 18, 34, 50 or 101 (the official model: 50); got {self.depth}")
+        if self.embed_dim < 128 or self.embed_dim % 128:
+            raise ConfigError(f"embed_dim must be a multiple of 128 (the mask head's GroupNorms); got {self.embed_dim}")
         if self.embed_dim % self.num_heads or self.embed_dim % 2:
             raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be even and divisible by num_heads ({self.num_heads})"

@@ -26,6 +26,10 @@ from .processing import PreparedImage, SceneGraphPrediction, postprocess, prepro
 logger = logging.getLogger(__name__)
 
 #: Settings forwarded to :class:`PSGTRConfig` (pre/post-processing knobs; the architecture is fixed by the weights).
+#: Structure fields a non-official checkpoint may change (``architecture=`` setting; the official model and its
+#: label spaces keep the defaults).
+_ARCHITECTURE_FIELDS = ("depth", "num_queries", "embed_dim", "num_heads", "ffn_dim", "num_encoder_layers", "num_decoder_layers")
+
 _CONFIG_SETTINGS = (
     "scale",
     "size_divisor",
@@ -119,7 +123,9 @@ class PSGTRExpert(Expert):
     forward), ``keep_masks`` (keep object masks in the results), ``allow_tf32`` (CUDA only: ``None`` keeps
     PyTorch's global switches -- cuDNN convolutions then use TF32 by default, as in MoAI's own GPU runs --,
     ``False`` computes in strict fp32, closest to the CPU numbers), ``filename``, ``repo_type``, ``sha256``
-    (expected hash of a non-official file), ``verify_sha256``, ``convert``, ``convert_dir``.
+    (expected hash of a non-official file), ``verify_sha256``, ``convert``, ``convert_dir``, ``architecture``
+    (a dict of structure fields -- ``depth``, ``num_queries``, ``embed_dim``, ... -- for a non-official
+    checkpoint, e.g. the tiny test model of :func:`moai_sdk.experts.tiny.build_tiny_psgtr`).
 
     dtype: ``float32`` (MoAI runs PSGTR in fp32), ``float16`` or ``bfloat16`` (GPU speed-ups that change the
     numbers slightly; post-processing always starts from fp32 logits).
@@ -139,6 +145,7 @@ class PSGTRExpert(Expert):
         "verify_sha256": True,
         "convert": True,
         "convert_dir": None,
+        "architecture": None,
     }
 
     def __init__(self, model_id: str | None = None, **kwargs: Any) -> None:
@@ -156,7 +163,13 @@ class PSGTRExpert(Expert):
     def _build_config(self) -> PSGTRConfig:
         overrides = {key: self.settings[key] for key in _CONFIG_SETTINGS}
         overrides["scale"] = tuple(overrides["scale"])
-        return _DEFAULT_CONFIG.replace(**overrides)
+        architecture = self.settings["architecture"] or {}
+        if not isinstance(architecture, dict):
+            raise ConfigError(f"psgtr architecture must be a dict of PSGTRConfig fields; got {architecture!r}")
+        unknown = sorted(set(architecture) - set(_ARCHITECTURE_FIELDS))
+        if unknown:
+            raise ConfigError(f"psgtr architecture: unknown field(s) {unknown}; known: {list(_ARCHITECTURE_FIELDS)}")
+        return _DEFAULT_CONFIG.replace(**overrides, **architecture)
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def _load(self) -> None:

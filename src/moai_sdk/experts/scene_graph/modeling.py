@@ -36,10 +36,11 @@ class ResNetBackbone(nn.Module):
     def __init__(self, depth: int = 50, norm_eps: float = 1e-5):
         super().__init__()
         try:
-            from torchvision.models import resnet50, resnet101
+            from torchvision import models
         except ImportError as exc:  # pragma: no cover - torchvision ships with the SDK's image code
             raise DependencyError("the PSGTR backbone needs torchvision: pip install torchvision") from exc
-        net = (resnet50 if depth == 50 else resnet101)(weights=None)
+        net = getattr(models, f"resnet{depth}")(weights=None)
+        self.depth = depth
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         for module in self.modules():
@@ -48,7 +49,8 @@ class ResNetBackbone(nn.Module):
 
     @property
     def out_channels(self) -> tuple[int, int, int, int]:
-        return (256, 512, 1024, 2048)
+        # bottleneck ResNets (50, 101) widen each stage 4x; basic-block ones (18, 34) do not
+        return (256, 512, 1024, 2048) if self.depth >= 50 else (64, 128, 256, 512)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
