@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Se
 import numpy as np
 import torch
 
-from .cache import DEFAULT_CACHE_SIZE, ExpertCache, image_digest
-from .errors import ConfigError, ExpertError, GenerationError, InputError, MoAIError
+from .cache import DEFAULT_CACHE_SIZE, ExpertCache
+from .errors import ConfigError, GenerationError, InputError
 from .imageops import load_image_chw, official_resize
 from .prompts import DEFAULT_TEMPLATE, check_template
 from .results import TASKS, MoAIResult, PerceptionResult
@@ -319,6 +319,7 @@ class MoAIPipeline:
         self.attn_implementation = attn_implementation
         self.corrected_verbalization = bool(corrected_verbalization)
         self.keep_image = bool(keep_image)
+        self._runners: dict[tuple[str, ...], Any] = {}  # Perception runner per expert selection
         self.generation_config: GenerationSettings = GenerationSettings.from_any(generation_config)
         self.cache = _cache_from_option(cache)
         self.experts: dict[str, Expert] = resolve_experts(experts, **self._expert_common())
@@ -538,46 +539,15 @@ class MoAIPipeline:
     def _run_experts(
         self, frames: list[torch.Tensor], sizes: list[tuple[int, int]], experts: list["Expert"], timer: _Timer
     ) -> list[PerceptionResult]:
-        """Every chosen expert on every frame (through the cache), merged into one result per frame."""
-        digests = [image_digest(f) for f in frames]
-        parts: dict[str, list[PerceptionResult]] = {}
-        failures: dict[str, str] = {}
-        for exp in experts:
-            with timer.stage(f"expert.{exp.name}"):
-                try:
-                    parts[exp.name] = self.cache.predict(exp, frames, digests)
-                except MoAIError as exc:
-                    if self.on_expert_error == "raise":
-                        raise
-                    failures[exp.name] = str(exc)
-                except Exception as exc:  # a backend failure outside our error types: named, then raised or kept
-                    if self.on_expert_error == "raise":
-                        raise ExpertError(exp.name, f"{type(exc).__name__}: {exc}") from exc
-                    failures[exp.name] = f"{type(exc).__name__}: {exc}"
-        warnings = []
-        if "scene_graph" not in self.experts:
-            from .experts.base import SCENE_GRAPH_MISSING_WARNING
+        """Every chosen expert on every frame (through the shared cache), merged into one result per frame."""
+        key = tuple(e.name for e in experts)
+        runner = self._runners.get(key)
+        if runner is None:
+            from .experts.base import Perception
 
-            warnings.append(SCENE_GRAPH_MISSING_WARNING)
-        for name, message in failures.items():
-            text = f"expert {name!r} failed: {message}"
-            logger.warning(text)
-            warnings.append(text)
-        results = []
-        for i, (frame, (width, height)) in enumerate(zip(frames, sizes, strict=True)):
-            merged = PerceptionResult(
-                image_width=width, image_height=height,
-                frame_width=int(frame.shape[2]), frame_height=int(frame.shape[1]), warnings=list(warnings),
-                frame_image=frame.permute(1, 2, 0).contiguous().numpy() if self.keep_image else None,
-            )
-            for exp in experts:
-                if exp.name in parts:
-                    part = parts[exp.name][i].model_copy(
-                        update={"image_width": width, "image_height": height, "frame_image": None}
-                    )
-                    merged = merged.merge(part)
-            results.append(merged)
-        return results
+            runner = Perception(experts, on_expert_error=self.on_expert_error, keep_image=self.keep_image, cache=self.cache)
+            self._runners[key] = runner
+        return runner.run_frames(frames, sizes, stage=timer.stage)
 
     def perceive(self, images: Any, *, experts: Any = None) -> Union[PerceptionResult, list[PerceptionResult]]:
         """Run the experts only (no language model): one :class:`PerceptionResult` per image.

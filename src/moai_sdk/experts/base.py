@@ -24,7 +24,7 @@ Models load lazily: the first :meth:`Expert.predict` calls :meth:`Expert.load`.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -32,9 +32,8 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,6 +42,9 @@ from pydantic import ValidationError
 from ..errors import ConfigError, ExpertError, InputError, MoAIError
 from ..imageops import MOAI_IMAGE_SIZE, load_image_chw, official_resize
 from ..results import TASKS, PerceptionResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cache import ExpertCache
 
 logger = logging.getLogger(__name__)
 
@@ -369,40 +371,6 @@ def _split_batch(images: Any) -> list[Any]:
     return [images]
 
 
-class _LRU:
-    """A small thread-safe LRU of per-image expert results."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[tuple[str, str], PerceptionResult] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[str, str]) -> Optional[PerceptionResult]:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: tuple[str, str], value: PerceptionResult) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
 class Perception:
     """Run a set of experts (at most one per task) on images and merge their results.
 
@@ -416,6 +384,7 @@ class Perception:
         frame_size: side of the expert frame (490 = the official demo).
         cache_size: keep up to this many per-image, per-expert results keyed by frame hash and
             :meth:`Expert.cache_key` (0 = no cache).
+        cache: an :class:`~moai_sdk.cache.ExpertCache` to use (and share) instead of a new one of ``cache_size``.
     """
 
     def __init__(
@@ -428,7 +397,10 @@ class Perception:
         keep_image: bool = True,
         frame_size: int = MOAI_IMAGE_SIZE,
         cache_size: int = 0,
+        cache: Optional["ExpertCache"] = None,
     ) -> None:
+        from ..cache import ExpertCache
+
         if on_expert_error not in ("raise", "warn"):
             raise ConfigError(f"on_expert_error must be 'raise' or 'warn'; got {on_expert_error!r}")
         if isinstance(experts, (str, Expert)):
@@ -459,7 +431,7 @@ class Perception:
         self.max_workers = max_workers
         self.keep_image = keep_image
         self.frame_size = int(frame_size)
-        self._cache = _LRU(int(cache_size))
+        self.cache = cache if cache is not None else ExpertCache(int(cache_size))
         self.warnings: list[str] = []
         if "scene_graph" not in by_task:
             self.warnings.append(SCENE_GRAPH_MISSING_WARNING)
@@ -481,7 +453,7 @@ class Perception:
             exp.unload()
 
     def clear_cache(self) -> None:
-        self._cache.clear()
+        self.cache.clear()
 
     def __repr__(self) -> str:
         return f"Perception(experts={[e.name for e in self.experts]}, on_expert_error={self.on_expert_error!r})"
@@ -503,20 +475,32 @@ class Perception:
         return self.run_frames(frames, sizes)
 
     def run_frames(
-        self, frames: Sequence[torch.Tensor], sizes: Optional[Sequence[tuple[int, int]]] = None
+        self,
+        frames: Sequence[torch.Tensor],
+        sizes: Optional[Sequence[tuple[int, int]]] = None,
+        *,
+        stage: Optional[Callable[[str], ContextManager[Any]]] = None,
     ) -> list[PerceptionResult]:
-        """Run the experts on frames already in the expert frame; ``sizes`` = original (width, height)."""
+        """Run the experts on frames already in the expert frame; ``sizes`` = original (width, height).
+
+        ``stage(name)``, when given, is a context manager wrapped around each expert's run (``"expert.<name>"``),
+        e.g. a timer.
+        """
         frames = _as_frames(list(frames))
         if sizes is None:
             sizes = [(int(f.shape[2]), int(f.shape[1])) for f in frames]
         if len(sizes) != len(frames):
             raise InputError(f"got {len(sizes)} image sizes for {len(frames)} frames")
+        from ..cache import image_digest
+
+        digests = [image_digest(f) for f in frames]
+        stage = stage or (lambda name: contextlib.nullcontext())
         parts: dict[str, list[PerceptionResult]] = {}
         failures: dict[str, BaseException] = {}
         if self.concurrent and len(self.experts) > 1:
             workers = self.max_workers or len(self.experts)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moai-expert") as pool:
-                futures = {e.name: pool.submit(self._run_one, e, frames) for e in self.experts}
+                futures = {e.name: pool.submit(self._run_one, e, frames, digests, stage) for e in self.experts}
                 for exp in self.experts:
                     try:
                         parts[exp.name] = futures[exp.name].result()
@@ -525,7 +509,7 @@ class Perception:
         else:
             for exp in self.experts:
                 try:
-                    parts[exp.name] = self._run_one(exp, frames)
+                    parts[exp.name] = self._run_one(exp, frames, digests, stage)
                 except Exception as exc:
                     failures[exp.name] = exc
                     if self.on_expert_error == "raise":
@@ -559,21 +543,10 @@ class Perception:
             results.append(merged)
         return results
 
-    def _run_one(self, expert: Expert, frames: list[torch.Tensor]) -> list[PerceptionResult]:
-        """One expert on the batch, using the cache for frames it has seen."""
-        if self._cache.size <= 0:
-            return expert.predict(frames)
-        key = expert.cache_key()
-        digests = [hashlib.sha256(f.contiguous().numpy().tobytes() + str(tuple(f.shape)).encode()).hexdigest()
-                   for f in frames]
-        out: list[Optional[PerceptionResult]] = [self._cache.get((key, d)) for d in digests]
-        todo = [i for i, r in enumerate(out) if r is None]
-        if todo:
-            fresh = expert.predict([frames[i] for i in todo])
-            for i, res in zip(todo, fresh):
-                out[i] = res
-                self._cache.put((key, digests[i]), res)
-        return [r for r in out if r is not None]
+    def _run_one(self, expert: Expert, frames: list[torch.Tensor], digests: list[str], stage) -> list[PerceptionResult]:
+        """One expert on the batch, through the cache (frames seen before are not recomputed)."""
+        with stage(f"expert.{expert.name}"):
+            return self.cache.predict(expert, frames, digests)
 
 
 __all__ = [
