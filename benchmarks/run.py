@@ -360,7 +360,7 @@ def perceive(setup: Setup, images: list[np.ndarray], timer: StageTimer | None) -
 
 
 def build_inputs(setup: Setup, images, prompts, perceptions, timer: StageTimer | None):
-    from moai_sdk.verbalize import verbalize
+    from moai_sdk.verbalization import verbalize
 
     def verbal() -> list[str | None]:
         return [verbalize(p) if p is not None else None for p in perceptions]

@@ -21,7 +21,7 @@ from moai_sdk.experts import (
     unregister_expert,
 )
 from moai_sdk.results import Box, Detection, Relation, Segment, TextLine
-from moai_sdk.verbalize import verbalize, verbalize_parts
+from moai_sdk.verbalization import verbalize, verbalize_parts
 
 
 class BrightBoxDetector(Expert):

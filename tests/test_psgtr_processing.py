@@ -14,7 +14,7 @@ from moai_sdk.experts.scene_graph.config import PSGTRConfig
 from moai_sdk.experts.scene_graph.expert import prediction_to_fields
 from moai_sdk.experts.scene_graph.processing import postprocess, preprocess_image, rescale_size
 from moai_sdk.results import PerceptionResult, load_vocab
-from moai_sdk.verbalize import verbalize_scene_graph
+from moai_sdk.verbalization import verbalize_scene_graph
 
 GOLDEN = Path(__file__).parent / "fixtures" / "psgtr-golden"
 POST_CASES = ("post_a_sq", "post_b_rect", "post_c_dups")

@@ -24,3 +24,16 @@ def test_import_is_light_and_errors_are_typed():
     code = "import sys, moai_sdk; print('transformers' in sys.modules, issubclass(moai_sdk.InputError, ValueError))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    """Importing every submodule must not replace a public function or class with a module object."""
+    code = (
+        "import importlib, pkgutil, types, moai_sdk\n"
+        "for m in pkgutil.walk_packages(moai_sdk.__path__, 'moai_sdk.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [n for n in moai_sdk.__all__ if isinstance(getattr(moai_sdk, n), types.ModuleType)]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -42,9 +42,9 @@ _LAZY: dict[str, str] = {
     "TextLine": "moai_sdk.results",
     "PerceptionResult": "moai_sdk.results",
     "MoAIResult": "moai_sdk.results",
-    "verbalize": "moai_sdk.verbalize",
-    "verbalize_parts": "moai_sdk.verbalize",
-    "VerbalizationParts": "moai_sdk.verbalize",
+    "verbalize": "moai_sdk.verbalization",
+    "verbalize_parts": "moai_sdk.verbalization",
+    "VerbalizationParts": "moai_sdk.verbalization",
     "plot_perception": "moai_sdk.viz",
     # experts
     "Expert": "moai_sdk.experts.base",
@@ -107,4 +107,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .prompts import SYSTEM_PROMPT, build_prompt
     from .results import Box, Detection, MoAIResult, PerceptionResult, Relation, Segment, TextLine
     from .tokenization import MoAITokenizer
-    from .verbalize import VerbalizationParts, verbalize, verbalize_parts
+    from .verbalization import VerbalizationParts, verbalize, verbalize_parts

@@ -9,7 +9,7 @@ time it is needed (or all at once with :meth:`MoAIPipeline.load`):
   :class:`~moai_sdk.cache.ExpertCache` so that several questions about one image run the experts once.
 
 A call follows the official demo: the image is resized to 490 x 490 (:func:`~moai_sdk.imageops.official_resize`),
-the experts run on that frame, their results are verbalized with :func:`~moai_sdk.verbalize.verbalize` and
+the experts run on that frame, their results are verbalized with :func:`~moai_sdk.verbalization.verbalize` and
 painted into the panoptic colour map, the processor builds the model inputs with the chosen template ("chat" by
 default), and the answer is the decoded new tokens (special tokens skipped) cut at the first ``"[U"`` -- as the
 official demo cuts at the InternLM2 chat markers -- and at the first stop string.
@@ -568,10 +568,10 @@ class MoAIPipeline:
         return results if batch else results[0]
 
     def verbalize(self, perception: Optional[PerceptionResult]) -> str:
-        """The auxiliary text MoAI reads for ``perception`` (official :func:`~moai_sdk.verbalize.verbalize`;
+        """The auxiliary text MoAI reads for ``perception`` (official :func:`~moai_sdk.verbalization.verbalize`;
         ``None`` gives the official empty verbalization of three spaces)."""
         from .processing import EMPTY_VERBALIZATION
-        from .verbalize import verbalize
+        from .verbalization import verbalize
 
         if perception is None:
             return EMPTY_VERBALIZATION

@@ -191,7 +191,7 @@ def plot_perception(
             _tag(draw, (det.box.x0, det.box.y0), f"{det.label} {det.score:.2f}", colour, font)
 
     if "relations" in show and result.relations:
-        from .verbalize import number_duplicates
+        from .verbalization import number_duplicates
 
         names = number_duplicates([clean_coco_name(o.label) for o in result.scene_graph_objects])
         ranked = sorted(range(len(result.relations)), key=lambda i: (-result.relations[i].score, i))

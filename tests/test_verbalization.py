@@ -15,7 +15,7 @@ from PIL import Image
 
 from moai_sdk.errors import InputError
 from moai_sdk.results import Box, Detection, PerceptionResult, Relation, Segment, TextLine
-from moai_sdk.verbalize import (
+from moai_sdk.verbalization import (
     VerbalizationParts,
     argpartition_numpy126,
     format_box,
@@ -127,7 +127,7 @@ def test_segmentation_from_boxes_only(case):
 
 def test_segmentation_box_values_are_the_official_float32():
     case = next(c for c in VERB["seg"] if c["name"] == "boxes_near_0_and_1")
-    from moai_sdk.verbalize import _scaled_mask_box
+    from moai_sdk.verbalization import _scaled_mask_box
 
     for seg, nice in zip(case["input"]["segments"], case["nice_seg_info"]):
         assert _scaled_mask_box(seg["mask_box_pixels_x0y0x1y1_exclusive"], 490, 490) == nice["box_float32_values"]
