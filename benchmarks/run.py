@@ -583,12 +583,12 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     entry = batch_entry("7b-nf4", 1)
     if entry:
         stages = entry["modes"]["default"]["stages"]
-        mem = stages["peak_mem_bytes"]["median"]
-        checks.append({"target": "7b nf4: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)",
-                       "value": mem, "ok": mem <= 8e9})
         tok_s = stages["decode_tok_s"]["median"]
         checks.append({"target": "7b nf4 batch 1: decode >= 30 tokens/s", "value": tok_s, "ok": tok_s >= 30})
-        if "e2e" in stages:  # the experts ran
+        if "e2e" in stages:  # the experts ran: the memory and end-to-end targets are about the whole pipeline
+            mem = stages["peak_mem_bytes"]["median"]
+            checks.append({"target": "7b nf4: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)",
+                           "value": mem, "ok": mem <= 8e9})
             e2e = stages["e2e"]["median"]
             checks.append({"target": "7b nf4 batch 1: end-to-end (experts + new tokens) <= 1.5 s",
                            "value": e2e, "ok": e2e <= 1.5})
