@@ -136,6 +136,28 @@ def prepare_image(image: ImageInput, size: int = MOAI_IMAGE_SIZE) -> torch.Tenso
     return official_resize(load_image_chw(image), size)
 
 
+def split_images(images: Any) -> list[Any]:
+    """One image or a batch as a list: a list/tuple as is, a 4-D tensor [B, C, H, W] or array [B, H, W, C] split
+    along its first axis, anything else as a single image."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images.unbind(0))
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return [images[i] for i in range(images.shape[0])]
+    return [images]
+
+
+def prepare_frames(images: Any, size: int = MOAI_IMAGE_SIZE) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Load every image and apply the official resize: uint8 frames [3, size, size] and original (width, height)."""
+    frames, sizes = [], []
+    for image in split_images(images):
+        chw = load_image_chw(image)
+        sizes.append((int(chw.shape[2]), int(chw.shape[1])))
+        frames.append(official_resize(chw, size))
+    return frames, sizes
+
+
 def chw_to_pil(chw: torch.Tensor):
     """uint8 CHW tensor (3 channels) to a PIL RGB image."""
     from PIL import Image
@@ -143,4 +165,13 @@ def chw_to_pil(chw: torch.Tensor):
     return Image.fromarray(chw[:3].permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
-__all__ = ["MOAI_IMAGE_SIZE", "ImageInput", "load_image_chw", "official_resize", "prepare_image", "chw_to_pil"]
+__all__ = [
+    "MOAI_IMAGE_SIZE",
+    "ImageInput",
+    "load_image_chw",
+    "official_resize",
+    "prepare_image",
+    "split_images",
+    "prepare_frames",
+    "chw_to_pil",
+]

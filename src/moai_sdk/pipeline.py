@@ -42,7 +42,7 @@ import torch
 
 from .cache import DEFAULT_CACHE_SIZE, ExpertCache
 from .errors import ConfigError, GenerationError, InputError
-from .imageops import load_image_chw, official_resize
+from .imageops import prepare_frames, split_images
 from .prompts import DEFAULT_TEMPLATE, check_template
 from .results import TASKS, MoAIResult, PerceptionResult
 
@@ -199,16 +199,6 @@ def _is_batch(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return True
     return isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 4
-
-
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, torch.Tensor) and value.ndim == 4:
-        return list(value.unbind(0))
-    if isinstance(value, np.ndarray) and value.ndim == 4:
-        return [value[i] for i in range(value.shape[0])]
-    return [value]
 
 
 def _broadcast(images: list[Any], prompts: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -521,13 +511,7 @@ class MoAIPipeline:
 
     def _frames(self, images: Sequence[Any]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         """Official resize of every image: uint8 [3, S, S] frames and the original (width, height)."""
-        size = self._image_size()
-        frames, sizes = [], []
-        for image in images:
-            chw = load_image_chw(image)
-            sizes.append((int(chw.shape[2]), int(chw.shape[1])))
-            frames.append(official_resize(chw, size))
-        return frames, sizes
+        return prepare_frames(list(images), self._image_size())
 
     def _image_size(self) -> int:
         if self._processor is not None:
@@ -561,7 +545,7 @@ class MoAIPipeline:
                 "this pipeline has no experts to run; configure them with MoAIPipeline.from_pretrained(experts=...)"
             )
         batch = _is_batch(images)
-        frames, sizes = self._frames(_as_list(images))
+        frames, sizes = self._frames(split_images(images))
         if not frames:
             raise InputError("no images given")
         results = self._run_experts(frames, sizes, chosen, _Timer(self.device))
@@ -612,7 +596,7 @@ class MoAIPipeline:
     ) -> list[Optional[PerceptionResult]]:
         n = len(frames)
         if perception is not None:
-            given = _as_list(perception)
+            given = split_images(perception)
             if len(given) == 1 and n > 1:
                 given = given * n
             if len(given) != n:
@@ -630,7 +614,7 @@ class MoAIPipeline:
         self, images: Any, prompts: Any, *, template: Any, perception: Any, experts: Any, timer: _Timer
     ) -> tuple[bool, list[str], list[Optional[PerceptionResult]], list[str], "MoAIInputs"]:
         batch = _is_batch(images) or _is_batch(prompts)
-        image_list, prompt_list = _broadcast(_as_list(images), _as_list(prompts))
+        image_list, prompt_list = _broadcast(split_images(images), split_images(prompts))
         for i, p in enumerate(prompt_list):
             if not isinstance(p, str):
                 raise InputError(f"prompt {i} must be a str; got {type(p).__name__}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
-from .imageops import load_image_chw, prepare_image
+from .imageops import load_image_chw, prepare_image, split_images
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template
 from .tokenization import MoAITokenizer, resolve_model_file
 
@@ -502,15 +502,10 @@ class MoAIProcessor:
     # ------------------------------------------------------------------ argument normalisation
     @staticmethod
     def _as_image_list(images: Any) -> list[Any]:
-        if isinstance(images, (list, tuple)):
-            if len(images) == 0:
-                raise InputError("no images given; MoAI needs exactly one image per prompt")
-            return list(images)
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            return list(images.unbind(0))
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            return [images[i] for i in range(images.shape[0])]
-        return [images]
+        items = split_images(images)
+        if not items:
+            raise InputError("no images given; MoAI needs exactly one image per prompt")
+        return items
 
     @staticmethod
     def _broadcast_strings(values: Any, batch: int, name: str, *, allow_none: bool) -> list[Any]:

@@ -35,12 +35,11 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Literal, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 
 from ..errors import ConfigError, ExpertError, InputError, MoAIError
-from ..imageops import MOAI_IMAGE_SIZE, load_image_chw, official_resize
+from ..imageops import MOAI_IMAGE_SIZE, prepare_frames
 from ..results import TASKS, PerceptionResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -361,16 +360,6 @@ def create_expert(name: str, **kwargs: Any) -> Expert:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _split_batch(images: Any) -> list[Any]:
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        return list(images)
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
-    return [images]
-
-
 class Perception:
     """Run a set of experts (at most one per task) on images and merge their results.
 
@@ -462,12 +451,7 @@ class Perception:
 
     def prepare(self, images: Any) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         """Load images and apply the official resize: frames [3, S, S] and original (width, height)."""
-        frames, sizes = [], []
-        for img in _split_batch(images):
-            chw = load_image_chw(img)
-            sizes.append((int(chw.shape[2]), int(chw.shape[1])))
-            frames.append(official_resize(chw, self.frame_size))
-        return frames, sizes
+        return prepare_frames(images, self.frame_size)
 
     def __call__(self, images: Any) -> list[PerceptionResult]:
         """Run all experts on ``images`` (one image or a list of any :data:`~moai_sdk.imageops.ImageInput`)."""
