@@ -8,7 +8,8 @@ Usage (see benchmarks/README.md)::
 For every setup (model x quantization) and batch size, both modes run the same images and prompts:
 
 * ``default`` -- what moai-sdk does: batched MoAI-Mixer, SDPA attention, OWLv2 query embeddings computed once,
-  experts in concurrent threads (CPU OCR overlaps the GPU experts);
+  the runner's ``concurrent="auto"`` schedule (experts on the GPU one after another, CPU experts such as
+  OCR in a background thread at the same time);
 * ``reference`` -- the same function computed the straightforward way the official code does it: the mixer
   loops over samples with masked indexing, eager matmul-softmax attention, OWLv2 re-tokenizes and re-encodes
   its 1847 queries for every image, experts run one after another.
@@ -179,7 +180,7 @@ class Setup:
         for layer in self.model.model.layers:
             layer.attention.attn_implementation = "sdpa" if mode == "default" else "eager"
         if self.perception is not None:
-            self.perception.concurrent = mode == "default"
+            self.perception.concurrent = "auto" if mode == "default" else False
             for expert in self.perception.experts:
                 if "reencode_queries" in expert.settings:
                     expert.settings["reencode_queries"] = mode == "reference"

@@ -365,6 +365,86 @@ def test_concurrent_experts_run_in_parallel_threads():
     assert sum("failed" in w for w in res.warnings) == 2
 
 
+class _Placed:
+    """Mixin: pretend the expert computes on ``placed_on`` and record the thread each prediction ran in."""
+
+    placed_on = "cpu"
+
+    @property
+    def compute_device_type(self) -> str:
+        return self.placed_on
+
+    def _predict(self, images):
+        self.threads = getattr(self, "threads", []) + [threading.current_thread().name]
+        return super()._predict(images)
+
+
+def test_auto_schedule_overlaps_cpu_experts_with_accelerator_ones():
+    barrier = threading.Barrier(2, timeout=10)
+
+    class GpuDet(_Placed, BrightBoxDetector):
+        name, placed_on = "test-gpu-det", "cuda"
+
+        def _predict(self, images):
+            barrier.wait()  # the CPU expert must be running at the same time
+            return super()._predict(images)
+
+    class GpuSeg(_Placed, WholeImageSegmenter):
+        name, placed_on = "test-gpu-seg", "cuda"
+
+    class CpuOCR(_Placed, ConstantOCR):
+        name = "test-cpu-ocr"
+
+        def _predict(self, images):
+            barrier.wait()
+            return super()._predict(images)
+
+    det, seg, ocr = GpuDet(), GpuSeg(), CpuOCR()
+    perception = Perception([ocr, det, seg])
+    assert perception.concurrent == "auto"
+    foreground, background = perception.schedule()
+    assert [e.name for e in foreground] == ["test-gpu-seg", "test-gpu-det"] and background == [ocr]
+    (res,) = perception(_image())
+    assert res.detections and res.text_lines and res.segments and not any("failed" in w for w in res.warnings)
+    main = threading.current_thread().name
+    assert det.threads == [main] and seg.threads == [main]  # accelerator experts: serial, in the caller
+    assert ocr.threads[0].startswith("moai-expert-cpu")
+
+
+def test_auto_schedule_is_serial_on_one_kind_of_device():
+    class CpuDet(_Placed, BrightBoxDetector):
+        name = "test-cpu-det"
+
+    class CpuOCR(_Placed, ConstantOCR):
+        name = "test-cpu-ocr"
+
+    det, ocr = CpuDet(), CpuOCR()
+    perception = Perception([det, ocr])
+    assert perception.schedule() == ([det, ocr], [])
+    perception(_image())
+    assert det.threads == ocr.threads == [threading.current_thread().name]
+    # the waiting pair cannot meet without threads
+    (res,) = Perception(_waiting_pair(threading.Barrier(2, timeout=0.2)), on_expert_error="warn")(_image())
+    assert sum("failed" in w for w in res.warnings) == 2
+    with pytest.raises(ConfigError, match="concurrent must be"):
+        Perception([det], concurrent="yes")
+
+
+def test_auto_schedule_error_in_background_is_raised_with_its_name():
+    class GpuDet(_Placed, BrightBoxDetector):
+        name, placed_on = "test-gpu-det", "cuda"
+
+    broken = create_expert("test-broken-ocr")
+    with pytest.raises(ExpertError, match="test-broken-ocr"):
+        Perception([GpuDet(), broken])(_image())
+
+
+def test_rapidocr_always_counts_as_a_cpu_expert():
+    from moai_sdk.experts.ocr import RapidOCRExpert
+
+    assert RapidOCRExpert(device="cuda").compute_device_type == "cpu"
+
+
 def test_concurrent_error_raise():
     with pytest.raises(ExpertError, match="test-broken-ocr"):
         Perception(["test-bright-box", "test-broken-ocr"], concurrent=True)(_image())

@@ -183,6 +183,17 @@ class Expert(ABC):
                 self._loaded = False
                 logger.info("unloaded expert %s", self.name)
 
+    @property
+    def compute_device_type(self) -> str:
+        """Where this expert computes (``"cuda"``, ``"cpu"``, ...): the device it is or will be loaded on.
+
+        :class:`Perception`'s ``concurrent="auto"`` overlaps CPU experts with accelerator ones; an expert whose
+        model always runs on the CPU whatever its ``device`` (e.g. onnxruntime) overrides this.
+        """
+        if self.device is not None:
+            return self.device.type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def cache_key(self) -> str:
         """A string that identifies this expert's outputs: name, model id, revision and settings."""
         payload = {
@@ -367,8 +378,12 @@ class Perception:
         experts: :class:`Expert` instances or registered names (created with default settings).
         on_expert_error: ``"raise"`` raises :class:`ExpertError` naming the failing expert; ``"warn"``
             records ``"expert '<name>' failed: ..."`` in each result's ``warnings`` and keeps the other parts.
-        concurrent: run the experts in parallel threads (each expert still gets the whole batch).
-        max_workers: thread count when concurrent (default: one per expert).
+        concurrent: how experts are scheduled (each expert always gets the whole batch). ``"auto"``: experts on an
+            accelerator run one after another in the calling thread while the CPU experts (e.g. OCR) run in one
+            background thread at the same time -- GPU experts sharing a GPU only slow each other down, but CPU work
+            need not wait for them; with experts on one kind of device only, this is ``False``. ``True``: every
+            expert in its own thread. ``False``: one after another.
+        max_workers: thread count when ``concurrent=True`` (default: one per expert).
         keep_image: keep the 490 x 490 frame in ``PerceptionResult.frame_image`` (for plotting).
         frame_size: side of the expert frame (490 = the official demo).
         cache_size: keep up to this many per-image, per-expert results keyed by frame hash and
@@ -381,7 +396,7 @@ class Perception:
         experts: Sequence[Union[Expert, str]] = (),
         *,
         on_expert_error: Literal["raise", "warn"] = "raise",
-        concurrent: bool = False,
+        concurrent: Union[bool, Literal["auto"]] = "auto",
         max_workers: Optional[int] = None,
         keep_image: bool = True,
         frame_size: int = MOAI_IMAGE_SIZE,
@@ -416,7 +431,9 @@ class Perception:
             raise ConfigError(f"frame_size must be > 0 and cache_size >= 0; got {frame_size}, {cache_size}")
         self.experts: list[Expert] = sorted(built, key=lambda e: TASKS.index(e.task))
         self.on_expert_error = on_expert_error
-        self.concurrent = bool(concurrent)
+        if concurrent not in (True, False, "auto"):
+            raise ConfigError(f"concurrent must be True, False or 'auto'; got {concurrent!r}")
+        self.concurrent: Union[bool, Literal["auto"]] = concurrent
         self.max_workers = max_workers
         self.keep_image = keep_image
         self.frame_size = int(frame_size)
@@ -481,23 +498,33 @@ class Perception:
         stage = stage or (lambda name: contextlib.nullcontext())
         parts: dict[str, list[PerceptionResult]] = {}
         failures: dict[str, BaseException] = {}
-        if self.concurrent and len(self.experts) > 1:
+        foreground, background = self.schedule()
+
+        def run_serially(experts: list[Expert]) -> None:
+            for exp in experts:
+                try:
+                    parts[exp.name] = self._run_one(exp, frames, digests, stage)
+                except Exception as exc:  # collected, then raised or recorded below
+                    failures[exp.name] = exc
+                    if self.on_expert_error == "raise":
+                        break
+
+        if self.concurrent is True and len(self.experts) > 1:
             workers = self.max_workers or len(self.experts)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moai-expert") as pool:
                 futures = {e.name: pool.submit(self._run_one, e, frames, digests, stage) for e in self.experts}
                 for exp in self.experts:
                     try:
                         parts[exp.name] = futures[exp.name].result()
-                    except Exception as exc:  # collected, then raised or recorded below
+                    except Exception as exc:
                         failures[exp.name] = exc
+        elif background:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moai-expert-cpu") as pool:
+                pending = pool.submit(run_serially, background)
+                run_serially(foreground)
+                pending.result()
         else:
-            for exp in self.experts:
-                try:
-                    parts[exp.name] = self._run_one(exp, frames, digests, stage)
-                except Exception as exc:
-                    failures[exp.name] = exc
-                    if self.on_expert_error == "raise":
-                        break
+            run_serially(self.experts)
         if failures and self.on_expert_error == "raise":
             name = next(e.name for e in self.experts if e.name in failures)
             exc = failures[name]
@@ -526,6 +553,18 @@ class Perception:
                     merged = merged.merge(part)
             results.append(merged)
         return results
+
+    def schedule(self) -> tuple[list[Expert], list[Expert]]:
+        """How :meth:`run_frames` splits the experts under ``concurrent="auto"``: (experts run in the calling
+        thread, experts run meanwhile in a background thread). The background list is empty unless the experts
+        sit on both the CPU and an accelerator, or when ``concurrent`` is not ``"auto"``."""
+        if self.concurrent != "auto":
+            return list(self.experts), []
+        cpu = [e for e in self.experts if e.compute_device_type == "cpu"]
+        other = [e for e in self.experts if e.compute_device_type != "cpu"]
+        if not cpu or not other:
+            return list(self.experts), []
+        return other, cpu
 
     def _run_one(self, expert: Expert, frames: list[torch.Tensor], digests: list[str], stage) -> list[PerceptionResult]:
         """One expert on the batch, through the cache (frames seen before are not recomputed)."""

@@ -120,6 +120,10 @@ class RapidOCRExpert(Expert):
         if model_id is not None and not os.path.isfile(model_id):
             raise ConfigError(f"rapidocr model_id must be None (bundled models) or a config.yaml path; got {model_id!r}")
 
+    @property
+    def compute_device_type(self) -> str:
+        return "cpu"  # onnxruntime's CPU provider, whatever device the expert was given
+
     def _load(self) -> None:
         try:
             from rapidocr_onnxruntime import RapidOCR
