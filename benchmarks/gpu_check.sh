@@ -7,14 +7,14 @@
 #                  bench-7b.log, 7b-cuda.json, summary.txt
 #   --wheels DIR   first install the project's dependencies from local wheel files (pip --no-index)
 #   --python PY    interpreter to use (default: python3)
-#   --quick        smaller benchmark (batch sizes 1 and 4, 2 repeats, nf4 only)
+#   --quick        smaller benchmark (batch sizes 1 and 4, 2 repeats, nf4 and nf4-lora, experts in both)
 #   --no-tests     skip the CUDA tests (benchmark only)
 #   --budget S     total seconds for the whole script (default 460); the benchmark gets what is left
 #
 # Steps: report the environment; check the imports (and say what is missing and how to install it);
 # optionally install wheels; make the package importable (editable install without dependencies, else
 # PYTHONPATH=src); run the tests marked `cuda`; run the MoAI-7B-shape benchmark (random weights, experts
-# with their real architectures) in nf4, float16 and "official" quantization. Each step has its own time
+# with their real architectures) in nf4, nf4-lora, float16 and "official" quantization. Each step has its own time
 # limit, a failing step does not stop the others, and the exit status is non-zero if any step failed.
 set -u
 
@@ -143,14 +143,15 @@ else log "CUDA tests passed"; fi
 fi
 
 # ---------------------------------------------------------------------------------------------- benchmark
-QUANT="nf4 float16 official"; BATCH="1 4 8"; REPEATS=3
+QUANT="nf4 nf4-lora float16 official"; BATCH="1 4 8"; REPEATS=3; EXPERTS_EVERY=""
 [ $HAVE_BNB -eq 1 ] || { QUANT="float16"; log "bitsandbytes missing: benchmarking float16 only"; }
-[ $QUICK -eq 1 ] && { BATCH="1 4"; REPEATS=2; [ $HAVE_BNB -eq 1 ] && QUANT="nf4"; }
+# quick: both 4-bit modes with the experts resident (the memory target is about the whole pipeline)
+[ $QUICK -eq 1 ] && { BATCH="1 4"; REPEATS=2; [ $HAVE_BNB -eq 1 ] && { QUANT="nf4 nf4-lora"; EXPERTS_EVERY="--no-experts-once"; }; }
 ELAPSED=$(( $(date +%s) - START ))
 BUDGET=$(( TOTAL - 60 - ELAPSED )); [ $BUDGET -lt 60 ] && BUDGET=60
 log "running the MoAI-7B-shape benchmark (quantization: $QUANT; batch sizes: $BATCH; budget ${BUDGET}s)"
 timeout $(( BUDGET + 60 )) $PY -m benchmarks.run --config 7b-cuda --quantization $QUANT --batch-sizes $BATCH \
-  --repeats $REPEATS --warmup 1 --time-budget $BUDGET --out "$OUT/7b-cuda.json" -v > "$OUT/bench-7b.log" 2>&1
+  --repeats $REPEATS --warmup 1 --time-budget $BUDGET $EXPERTS_EVERY --out "$OUT/7b-cuda.json" -v > "$OUT/bench-7b.log" 2>&1
 RC=$?
 grep -v -E "INFO|Warning|warn\(" "$OUT/bench-7b.log" | tail -n 80 >> "$OUT/summary.txt"
 if [ $RC -eq 124 ]; then log "FAILED: benchmark timed out"; STATUS=1;

@@ -48,7 +48,7 @@ def main() -> None:
     tensors = load_file(str(args.fixture / "cases.safetensors"))
     print("| quantization | parameter bytes | last-logit rel. error (" + " / ".join(c["name"][0] for c in cases) + ") |")
     print("| --- | --- | --- |")
-    for mode in (None, "nf4", "int8", "official"):
+    for mode in (None, "nf4", "nf4-lora", "int8", "official"):
         model = MoAIForCausalLM.from_pretrained(args.fixture, device="cpu", dtype="float32", quantization=mode)
         errors = []
         for case in cases:

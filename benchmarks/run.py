@@ -581,17 +581,19 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             got = entry["ratio"]["generate"]
             checks.append({"target": f"tiny-cpu batch {batch}: default >= {wanted}x faster than reference "
                                      "(prefill + greedy tokens)", "value": got, "ok": got >= wanted})
-    entry = batch_entry("7b-nf4", 1)
-    if entry:
+    for quant in ("nf4", "nf4-lora"):  # the issue names nf4; nf4-lora is the same target with the adapters in 4 bit
+        entry = batch_entry(f"7b-{quant}", 1)
+        if not entry:
+            continue
         stages = entry["modes"]["default"]["stages"]
         tok_s = stages["decode_tok_s"]["median"]
-        checks.append({"target": "7b nf4 batch 1: decode >= 30 tokens/s", "value": tok_s, "ok": tok_s >= 30})
+        checks.append({"target": f"7b {quant} batch 1: decode >= 30 tokens/s", "value": tok_s, "ok": tok_s >= 30})
         if "e2e" in stages:  # the experts ran: the memory and end-to-end targets are about the whole pipeline
             mem = stages["peak_mem_bytes"]["median"]
-            checks.append({"target": "7b nf4: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)",
+            checks.append({"target": f"7b {quant}: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)",
                            "value": mem, "ok": mem <= 8e9})
             e2e = stages["e2e"]["median"]
-            checks.append({"target": "7b nf4 batch 1: end-to-end (experts + new tokens) <= 1.5 s",
+            checks.append({"target": f"7b {quant} batch 1: end-to-end (experts + new tokens) <= 1.5 s",
                            "value": e2e, "ok": e2e <= 1.5})
     return checks
 
@@ -696,7 +698,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts-once", action=argparse.BooleanOptionalAction, default=True,
                    help="7b: run the experts in the first quantization only and reuse their results")
     p.add_argument("--quantization", nargs="+", default=["nf4", "float16", "official"],
-                   choices=("float16", "nf4", "int8", "official"))
+                   choices=("float16", "nf4", "nf4-lora", "int8", "official"))
     p.add_argument("--expert-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--layers", type=int, default=None, help="7b: override the decoder depth (dry runs)")
     p.add_argument("--device", default=None, help="7b: device (default cuda; cpu = a slow dry run of the code path)")

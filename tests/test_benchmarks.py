@@ -81,6 +81,11 @@ def test_targets_are_evaluated_from_the_ratios():
     assert sorted(verdicts.values()) == [False, True, True]  # memory over 8 GB, decode and end-to-end fine
     assert verdicts["7b nf4: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)"] is False
     # without experts (no end-to-end stage) the pipeline-level memory and latency targets are not judged
+    lora = [setup("7b-nf4-lora", 1, stages={"peak_mem_bytes": stat(7.6e9), "decode_tok_s": stat(42.0), "e2e": stat(2.0)})]
+    verdicts = {c["target"]: c["ok"] for c in bench.evaluate_targets(lora)}
+    assert verdicts == {"7b nf4-lora batch 1: decode >= 30 tokens/s": True,
+                        "7b nf4-lora: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)": True,
+                        "7b nf4-lora batch 1: end-to-end (experts + new tokens) <= 1.5 s": False}
     llm_only = [setup("7b-nf4", 1, stages={"peak_mem_bytes": stat(7e9), "decode_tok_s": stat(42.0)})]
     assert [c["target"] for c in bench.evaluate_targets(llm_only)] == ["7b nf4 batch 1: decode >= 30 tokens/s"]
 

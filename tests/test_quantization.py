@@ -15,7 +15,7 @@ from moai_sdk.modeling.quantization import quantized_module_names  # noqa: E402
 
 @pytest.fixture(scope="module")
 def quantized_models():
-    return {mode: MoAIForCausalLM.from_pretrained(TINY, device="cpu", quantization=mode) for mode in ("nf4", "int8", "official")}
+    return {mode: MoAIForCausalLM.from_pretrained(TINY, device="cpu", quantization=mode) for mode in ("nf4", "nf4-lora", "int8", "official")}
 
 
 def test_nf4_quantizes_exactly_the_main_llm_weights(quantized_models):
@@ -40,13 +40,24 @@ def test_official_mode_reproduces_the_official_skip_list(quantized_models):
     assert not any("Plora_main" in n or "moai" in n or "vision" in n for n in names)
 
 
+def test_nf4_lora_adds_the_plora_adapters(quantized_models):
+    names = quantized_module_names(quantized_models["nf4-lora"])
+    main = set(quantized_module_names(quantized_models["nf4"]))
+    adapters = set(quantized_module_names(quantized_models["official"]))
+    assert set(names) == main | adapters and len(names) == 8 * 5 * 3
+    assert set(names.values()) == {"nf4"}
+    model = quantized_models["nf4-lora"]
+    assert model.model.layers[0].attention.wqkv.Plora_A.weight.dtype == torch.uint8
+    assert model.output.weight.dtype == torch.float32 and model.vision_proj[0].weight.dtype == torch.float32
+
+
 def test_int8_quantizes_main_weights(quantized_models):
     names = quantized_module_names(quantized_models["int8"])
     assert set(names.values()) == {"int8"} and len(names) == 40
     assert quantized_models["int8"].model.layers[0].feed_forward.w1.Plora_main.weight.dtype == torch.int8
 
 
-@pytest.mark.parametrize("mode", ["nf4", "int8", "official"])
+@pytest.mark.parametrize("mode", ["nf4", "nf4-lora", "int8", "official"])
 def test_quantized_models_generate(quantized_models, tiny_model, cases, cases_meta, mode):
     model = quantized_models[mode]
     inputs = official_inputs("a_demo_full", cases, cases_meta)
@@ -63,3 +74,4 @@ def test_quantized_models_generate(quantized_models, tiny_model, cases, cases_me
 def test_parameter_bytes_shrink_in_expected_order(quantized_models, tiny_model):
     full = tiny_model.parameter_bytes()
     assert quantized_models["official"].parameter_bytes() < quantized_models["nf4"].parameter_bytes() < full
+    assert quantized_models["nf4-lora"].parameter_bytes() < quantized_models["nf4"].parameter_bytes()

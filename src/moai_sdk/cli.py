@@ -74,7 +74,7 @@ def _one_line(text: Any) -> str:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hub id or local checkpoint folder (default: BK-Lee/MoAI-7B)")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "official", "none"],
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "nf4-lora", "int8", "official", "none"],
                    help="weight quantization (needs CUDA; ignored on CPU). Default: nf4")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
 

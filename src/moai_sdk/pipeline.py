@@ -344,8 +344,8 @@ class MoAIPipeline:
             model: Hub id (default ``"BK-Lee/MoAI-7B"``) or a local checkpoint folder (official layout).
             device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; used by the experts too.
             dtype: model dtype, ``"auto"`` = float16 on CUDA, float32 on CPU.
-            quantization: ``"nf4"`` (default; the LLM's main weights in 4 bit), ``"int8"``, ``"official"`` or
-                ``None``. bitsandbytes needs CUDA: on other devices the model loads unquantized (logged).
+            quantization: ``"nf4"`` (default; the LLM's main weights in 4 bit), ``"nf4-lora"`` (also the PLoRA
+                adapters), ``"int8"``, ``"official"`` or ``None``. bitsandbytes needs CUDA: on other devices the model loads unquantized (logged).
             experts: see :func:`resolve_experts` -- ``"default"`` (Mask2Former, OWLv2, PSGTR, RapidOCR), a list
                 of names, a dict by task with model ids / backends / thresholds, or ``None`` for no experts.
             revision, cache_dir, local_files_only, token: where the model's files come from (the cache folder,

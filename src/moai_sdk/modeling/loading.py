@@ -360,7 +360,8 @@ def load_moai(
 
     ``quantization``: ``None`` (all weights in ``dtype``), ``"nf4"`` (the LLM's main weights ``Plora_main`` in
     4-bit NF4 with double quantization; vision, projector, LoRA branches, mixer, compressor, embeddings and
-    LM head stay in ``dtype``), ``"int8"`` (the same weights in LLM.int8), or ``"official"`` (what the official
+    LM head stay in ``dtype``), ``"nf4-lora"`` (``"nf4"`` plus the PLoRA adapters), ``"int8"`` (the
+    ``"nf4"`` weights in LLM.int8), or ``"official"`` (what the official
     loader's skip list quantizes: every linear whose name contains none of ``vision_tower, vision_proj,
     Plora_main, moai, output`` -- in effect only the PLoRA adapters -- in NF4).
     """
