@@ -14,7 +14,8 @@
 # Steps: report the environment; check the imports (and say what is missing and how to install it);
 # optionally install wheels; make the package importable (editable install without dependencies, else
 # PYTHONPATH=src); run the tests marked `cuda`; run the MoAI-7B-shape benchmark (random weights, experts
-# with their real architectures) in nf4, nf4-lora, float16 and "official" quantization. Each step has its own time
+# with their real architectures) in nf4, nf4-lora, float16 and "official" quantization, the default mode
+# decoding through CUDA graphs (generate(cuda_graphs=True)). Each step has its own time
 # limit, a failing step does not stop the others, and the exit status is non-zero if any step failed.
 set -u
 
@@ -151,7 +152,7 @@ ELAPSED=$(( $(date +%s) - START ))
 BUDGET=$(( TOTAL - 60 - ELAPSED )); [ $BUDGET -lt 60 ] && BUDGET=60
 log "running the MoAI-7B-shape benchmark (quantization: $QUANT; batch sizes: $BATCH; budget ${BUDGET}s)"
 timeout $(( BUDGET + 60 )) $PY -m benchmarks.run --config 7b-cuda --quantization $QUANT --batch-sizes $BATCH \
-  --repeats $REPEATS --warmup 1 --time-budget $BUDGET $EXPERTS_EVERY --out "$OUT/7b-cuda.json" -v > "$OUT/bench-7b.log" 2>&1
+  --repeats $REPEATS --warmup 1 --time-budget $BUDGET $EXPERTS_EVERY --cuda-graphs --out "$OUT/7b-cuda.json" -v > "$OUT/bench-7b.log" 2>&1
 RC=$?
 grep -v -E "INFO|Warning|warn\(" "$OUT/bench-7b.log" | tail -n 80 >> "$OUT/summary.txt"
 if [ $RC -eq 124 ]; then log "FAILED: benchmark timed out"; STATUS=1;

@@ -171,11 +171,19 @@ class Setup:
     info: dict[str, Any] = field(default_factory=dict)
     #: Expert results by batch size: filled while the experts run, read by setups that do not run them.
     perception_store: dict[int, list[Any]] = field(default_factory=dict)
+    #: Decode the default mode with fixed-shape steps replayed as a CUDA graph (``--cuda-graphs``).
+    cuda_graphs: bool = False
+    mode: str = "default"
+
+    def generate_options(self) -> dict[str, Any]:
+        """Generation options of the current mode (the reference mode never uses CUDA graphs)."""
+        return {"cuda_graphs": self.cuda_graphs and self.mode == "default"}
 
     def set_mode(self, mode: str) -> None:
         """Switch model and experts between ``default`` and ``reference``."""
         if mode not in MODES:
             raise ValueError(mode)
+        self.mode = mode
         self.model.set_mixer_mode("batched" if mode == "default" else "reference")
         for layer in self.model.model.layers:
             layer.attention.attn_implementation = "sdpa" if mode == "default" else "eager"
@@ -240,9 +248,9 @@ def tiny_cpu_setups(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
     perception = Perception(experts, keep_image=False) if experts else None
     yield Setup(
         name="tiny-cpu", device=device, model=model, processor=processor, perception=perception,
-        new_tokens=args.new_tokens or 32, logits_tol=1e-4, exact_tokens=True,
+        new_tokens=args.new_tokens or 32, logits_tol=1e-4, exact_tokens=True, cuda_graphs=args.cuda_graphs,
         info={"model": "moai-tiny fixture", "dtype": "float32", "experts": [e.name for e in experts],
-              "threads": torch.get_num_threads()},
+              "threads": torch.get_num_threads(), "cuda_graphs": args.cuda_graphs},
     )
 
 
@@ -326,12 +334,13 @@ def cuda_7b_setups(args: argparse.Namespace, workdir: Path, deadline: float = fl
         yield Setup(
             name=f"7b-{quant}", device=device, model=model, processor=processor,
             perception=perception if run_experts else None,
-            new_tokens=args.new_tokens or 64, logits_tol=3e-2, exact_tokens=False,
+            new_tokens=args.new_tokens or 64, logits_tol=3e-2, exact_tokens=False, cuda_graphs=args.cuda_graphs,
             info={"model": "MoAI-7B shapes, random weights", "dtype": args.llm_dtype, "quantization": q,
                   "layers": config.num_hidden_layers,
                   "parameter_bytes": model.parameter_bytes(), "build_s": build_s,
                   "experts": [e.name for e in experts], "expert_dtype": args.expert_dtype,
                   "experts_run": run_experts and bool(experts), "notes": notes,
+                  "cuda_graphs": args.cuda_graphs,
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
             perception_store=store,
         )
@@ -396,7 +405,7 @@ def run_once(setup: Setup, images, prompts) -> tuple[dict[str, float], dict[str,
         inputs, aux = build_inputs(setup, images, prompts, perceptions, timer)
         t_gen = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=setup.new_tokens, eos_token_id=[], return_dict=True,
-                             streamer=streamer)
+                             streamer=streamer, **setup.generate_options())
         synchronize(device)
         t_end = time.perf_counter()
         # 7B shapes + the tiny tokenizer: fold ids beyond its vocabulary into it (only the decode cost matters)
@@ -485,7 +494,7 @@ def check_agreement(setup: Setup, images, prompts) -> dict[str, Any]:
             setup.set_mode(mode)
             logits[mode] = setup.model(**inputs, last_logits_only=True).logits[:, -1].float()
             tokens[mode] = setup.model.generate(**inputs, max_new_tokens=setup.new_tokens, eos_token_id=[],
-                                                return_dict=True).new_tokens
+                                                return_dict=True, **setup.generate_options()).new_tokens
     setup.set_mode("default")
     err = _rel_err(logits["default"], logits["reference"])
     same = [a == b for a, b in zip(tokens["default"], tokens["reference"])]
@@ -699,6 +708,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="7b: run the experts in the first quantization only and reuse their results")
     p.add_argument("--quantization", nargs="+", default=["nf4", "float16", "official"],
                    choices=("float16", "nf4", "nf4-lora", "int8", "official"))
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="default mode: decode with fixed-shape steps replayed as a CUDA graph (generate(cuda_graphs=True))")
     p.add_argument("--expert-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--layers", type=int, default=None, help="7b: override the decoder depth (dry runs)")
     p.add_argument("--device", default=None, help="7b: device (default cuda; cpu = a slow dry run of the code path)")

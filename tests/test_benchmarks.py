@@ -26,7 +26,7 @@ STAGES = {"experts", "expert:mask2former", "expert:owlv2", "verbalize", "process
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--config", "tiny-cpu", "--batch-sizes", "2", "--repeats", "1", "--warmup", "0", "--new-tokens", "4",
-            "--out", str(out / "tiny.json"), "--workdir", str(out / "work")]
+            "--cuda-graphs", "--out", str(out / "tiny.json"), "--workdir", str(out / "work")]
     return bench.main(argv), json.loads((out / "tiny.json").read_text())
 
 
@@ -37,6 +37,7 @@ def test_tiny_benchmark_writes_results_and_modes_agree(smoke, capsys):
     assert report["environment"]["torch"] == torch.__version__
     (setup,) = report["setups"]
     assert setup["name"] == "tiny-cpu" and setup["info"]["experts"] == ["mask2former", "owlv2"]
+    assert setup["info"]["cuda_graphs"] is True  # fixed-shape decoding in the default mode (no graph on CPU)
     (entry,) = setup["batches"]
     assert entry["batch_size"] == 2
     agreement = entry["agreement"]

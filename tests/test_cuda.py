@@ -120,6 +120,59 @@ def test_lagged_stop_check_gives_the_same_tokens(cuda_fp32, processor, cases_met
     assert lagged.new_tokens[0][-1] == eos and len(lagged.new_tokens[0]) <= 5
 
 
+def _count_replays(monkeypatch) -> dict[str, int]:
+    """Count CUDA graph captures and replays made by the fixed-shape decoder."""
+    from moai_sdk.modeling import generation
+
+    counts = {"captured": 0, "replayed": 0}
+    original_capture = generation.FixedShapeDecoder._capture_and_run
+
+    def capture(self):
+        logits = original_capture(self)
+        counts["captured"] += self.graph is not None
+        return logits
+
+    original_call = generation.FixedShapeDecoder.__call__
+
+    def call(self, tokens):
+        counts["replayed"] += self.graph is not None
+        return original_call(self, tokens)
+
+    monkeypatch.setattr(generation.FixedShapeDecoder, "_capture_and_run", capture)
+    monkeypatch.setattr(generation.FixedShapeDecoder, "__call__", call)
+    return counts
+
+
+def test_cuda_graph_decoding_matches_plain_decoding(cuda_fp32, processor, cases_meta, monkeypatch):
+    counts = _count_replays(monkeypatch)
+    inputs = _raw_inputs(processor, [cases_meta[n] for n in ("a_demo_full", "b_eval_template")])
+    kw = dict(max_new_tokens=10, eos_token_id=[], return_dict=True, output_logits=True)
+    plain = cuda_fp32.generate(**inputs, **kw)
+    graphed = cuda_fp32.generate(**inputs, cuda_graphs=True, **kw)
+    assert counts == {"captured": 1, "replayed": 7}  # step 1 warms up, step 2 is captured, 3..9 replay
+    assert graphed.new_tokens == plain.new_tokens
+    for a, b in zip(graphed.step_logits, plain.step_logits):
+        assert rel_err(a, b) < TOL
+    eos = plain.new_tokens[0][4]
+    stop = dict(max_new_tokens=10, eos_token_id=eos, return_dict=True)
+    assert cuda_fp32.generate(**inputs, cuda_graphs=True, **stop).new_tokens == \
+        cuda_fp32.generate(**inputs, **stop).new_tokens
+
+
+def test_cuda_graph_decoding_with_nf4(cases, cases_meta, monkeypatch):
+    """bitsandbytes' 4-bit kernels inside a captured graph: captured, replayed, same tokens as without."""
+    pytest.importorskip("bitsandbytes")
+    from moai_sdk.modeling import MoAIForCausalLM
+
+    counts = _count_replays(monkeypatch)
+    model = MoAIForCausalLM.from_pretrained(TINY, device="cuda", dtype="float16", quantization="nf4")
+    inputs = official_inputs("a_demo_full", cases, cases_meta)
+    plain = model.generate(**inputs, max_new_tokens=12, eos_token_id=[], return_dict=True)
+    graphed = model.generate(**inputs, max_new_tokens=12, eos_token_id=[], cuda_graphs=True, return_dict=True)
+    assert counts["captured"] == 1 and counts["replayed"] == 9
+    assert graphed.new_tokens == plain.new_tokens
+
+
 def test_float16_generation(processor, cases, cases_meta):
     from moai_sdk.modeling import MoAIForCausalLM
 

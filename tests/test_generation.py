@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import TINY, official_inputs
 
@@ -20,6 +21,18 @@ def greedy(tiny_model, inputs, cases):
     tokens = tiny_model.generate(**inputs, max_new_tokens=12, eos_token_id=[], return_dict=True).new_tokens[0]
     assert tokens == cases["b_eval_template.new_tokens"][0].tolist()
     return tokens
+
+
+@pytest.fixture(scope="module")
+def processor_batch(cases_meta):
+    """Cases a and b as one left-padded batch (prompt and verbalization padded)."""
+    from test_modeling_batch import process
+
+    from moai_sdk import MoAIProcessor
+
+    batch = process(MoAIProcessor.from_pretrained(TINY), [cases_meta[n] for n in ("a_demo_full", "b_eval_template")])
+    assert batch.attention_mask.min() == 0
+    return batch
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +113,50 @@ def test_generation_settings_validation_and_hf_config():
 def test_generate_needs_an_image(tiny_model, inputs):
     with pytest.raises(GenerationError, match="image"):
         tiny_model.generate(inputs["input_ids"], aux_embeds=inputs["aux_embeds"], max_new_tokens=2)
+
+
+def test_fixed_shape_steps_equal_growing_mask_steps(tiny_model, processor_batch, cases):
+    """cuda_graphs=True decodes with fixed-shape steps (run without a graph off CUDA): same tokens and logits as
+    the usual growing-mask steps, for a left-padded batch, greedy and seeded sampling."""
+    kw = dict(max_new_tokens=10, eos_token_id=[], return_dict=True, output_logits=True)
+    plain = tiny_model.generate(**processor_batch, **kw)
+    fixed = tiny_model.generate(**processor_batch, cuda_graphs=True, **kw)
+    assert fixed.new_tokens == plain.new_tokens
+    for a, b in zip(fixed.step_logits, plain.step_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    sample = dict(max_new_tokens=10, do_sample=True, temperature=1.3, seed=5, eos_token_id=[], return_dict=True)
+    assert tiny_model.generate(**processor_batch, cuda_graphs=True, **sample).new_tokens == \
+        tiny_model.generate(**processor_batch, **sample).new_tokens
+    # eos handling and beam search (which decodes without fixed shapes) keep working with the option on
+    eos = plain.new_tokens[0][3]
+    stopped = tiny_model.generate(**processor_batch, max_new_tokens=10, eos_token_id=eos, cuda_graphs=True, return_dict=True)
+    assert stopped.new_tokens == tiny_model.generate(**processor_batch, max_new_tokens=10, eos_token_id=eos, return_dict=True).new_tokens
+    beams = tiny_model.generate(**processor_batch, max_new_tokens=4, num_beams=2, cuda_graphs=True, eos_token_id=[], return_dict=True)
+    assert beams.new_tokens == tiny_model.generate(**processor_batch, max_new_tokens=4, num_beams=2, eos_token_id=[], return_dict=True).new_tokens
+
+
+def test_fixed_shape_decoder_state(tiny_model, inputs):
+    from moai_sdk.modeling.generation import FixedShapeDecoder
+    from moai_sdk.modeling.internlm2 import KVCache
+
+    with torch.inference_mode():
+        cache = KVCache.allocate(tiny_model.config, 1, 1300, tiny_model.dtype, "cpu")
+        for layer in cache.layers:  # what an uninitialised allocation may hold
+            layer.key.fill_(float("nan"))
+            layer.value.fill_(float("nan"))
+        out = tiny_model(**inputs, cache=cache, last_logits_only=True)
+        used = cache.length
+        decoder = FixedShapeDecoder(tiny_model, cache, out.attention_mask)
+        assert decoder.mask.shape == (1, 1300) and int(decoder.mask.sum()) == int(out.attention_mask.sum())
+        token = out.logits[:, -1].argmax(-1)
+        for _ in range(3):
+            logits = decoder(token)
+            assert torch.isfinite(logits).all()
+            token = logits.argmax(-1)
+        assert int(decoder.index) == used + 3 and int(decoder.mask[0, used:].sum()) == 3
+        decoder.finish()
+        assert cache.length == used + 3
+        full = KVCache.allocate(tiny_model.config, 1, used, tiny_model.dtype, "cpu")
+        tiny_model(**inputs, cache=full, last_logits_only=True)
+        with pytest.raises(GenerationError, match="no room"):
+            FixedShapeDecoder(tiny_model, full, out.attention_mask)

@@ -40,6 +40,10 @@ class GenerationSettings:
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    #: Decode with fixed-shape steps (mask over the whole cache, cache slot chosen on the device) replayed as
+    #: a CUDA graph on CUDA devices, which removes the per-step kernel-launch cost; elsewhere the same steps
+    #: run without a graph. Greedy and sampling only (beam search reorders the cache and decodes as usual).
+    cuda_graphs: bool = False
 
     def validate(self) -> "GenerationSettings":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -209,13 +213,17 @@ def generate(
         seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
 
     t1 = time.perf_counter()
+    if settings.cuda_graphs and settings.num_beams > 1:
+        logger.info("cuda_graphs applies to greedy and sampling decoding; beam search decodes without graphs")
     if settings.num_beams > 1:
         result = _beam_search(model, settings, logits, mask, cache, seen, eos_ids, pad_id, b)
         new, scores, step_logits = result[0], result[1], None
     else:
+        decoder = FixedShapeDecoder(model, cache, mask) if settings.cuda_graphs else _GrowingMaskDecoder(model, cache, mask)
         new, step_logits = _sample_or_greedy(
-            model, settings, logits, mask, cache, seen, eos_ids, pad_id, generator, output_logits, decode, streamer
+            decoder, settings, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer
         )
+        decoder.finish()
         scores = None
     _synchronize(device)
     timings["decode"] = time.perf_counter() - t1
@@ -282,7 +290,111 @@ class _AllFinishedFlag:
         return self.value
 
 
-def _sample_or_greedy(model, s, logits, mask, cache, seen, eos_ids, pad_id, generator, output_logits, decode, streamer):
+class _GrowingMaskDecoder:
+    """One decoding step as a plain forward: the mask grows by one column, the cache by one slot."""
+
+    def __init__(self, model, cache: KVCache, mask: torch.Tensor):
+        self.model, self.cache, self.mask = model, cache, mask
+        self.ones = torch.ones_like(mask[:, :1])
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat((self.mask, self.ones), dim=1)
+        out = self.model(tokens[:, None], attention_mask=self.mask, cache=self.cache, last_logits_only=True)
+        return out.logits[:, -1].float()
+
+    def finish(self) -> None:
+        pass
+
+
+class FixedShapeDecoder:
+    """Decoding steps whose shapes never change, replayed as one CUDA graph per generation on CUDA.
+
+    The key mask spans the whole cache (slots not written yet are masked), the slot to write and the mask
+    update live on the device, and the step reads nothing back to the host -- so every step is the same
+    sequence of kernels. On CUDA the first step runs normally on a side stream (it also warms up the kernels),
+    the second is captured into a graph on that stream and each later step is a single replay; elsewhere, and
+    if capturing fails (logged), the same fixed-shape steps run without a graph. The logits equal those of
+    the growing-mask steps up to float rounding (the attention also sums the masked slots' zero weights).
+    """
+
+    def __init__(self, model, cache: KVCache, mask: torch.Tensor):
+        b, used = mask.shape
+        capacity = cache.capacity
+        if used >= capacity:
+            raise GenerationError(f"the cache has no room for new tokens (capacity {capacity}, used {used})")
+        self.model, self.cache = model, cache
+        # The attention reads every slot: unwritten ones must hold finite values (the cache is allocated
+        # uninitialised, and a masked NaN would still poison the weighted sum).
+        for layer in cache.layers:
+            layer.key[:, :, used:].zero_()
+            layer.value[:, :, used:].zero_()
+        device = mask.device
+        self.mask = torch.zeros(b, capacity, dtype=mask.dtype, device=device)
+        self.mask[:, :used] = mask
+        self.index = torch.tensor([used], dtype=torch.long, device=device)
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.steps = 0
+        self.use_graph = device.type == "cuda"
+        self.stream: Any = None
+        self.graph: Any = None
+        self.logits: torch.Tensor | None = None
+
+    def _step(self) -> torch.Tensor:
+        self.mask.index_fill_(1, self.index, 1)
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        embeds = self.model.get_input_embeddings()(self.tokens)
+        hidden = self.model.model(
+            embeds, attention_mask=self.mask, positions=positions, cache=self.cache, cache_index=self.index
+        )
+        logits = self.model.output(hidden).float()[:, -1]
+        self.index.add_(1)
+        return logits
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps + self.cache.length >= self.cache.capacity:
+            raise GenerationError("decoding ran past the cache capacity")
+        self.tokens.copy_(tokens[:, None])
+        self.steps += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.use_graph:
+            return self._step()
+        if self.steps == 1:
+            return self._warm_up()
+        return self._capture_and_run()
+
+    def _warm_up(self) -> torch.Tensor:
+        """The first step, run on the stream the graph will be captured on (lazy kernel and library set-up
+        happens here, not during the capture)."""
+        current = torch.cuda.current_stream(self.mask.device)
+        self.stream = torch.cuda.Stream(self.mask.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            logits = self._step()
+        current.wait_stream(self.stream)
+        return logits.clone()
+
+    def _capture_and_run(self) -> torch.Tensor:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                logits = self._step()  # recorded, not run
+        except RuntimeError as exc:
+            logger.warning("CUDA graph capture failed (%s); decoding without a graph", exc)
+            self.use_graph = False
+            return self._step()
+        self.graph, self.logits = graph, logits
+        graph.replay()
+        return logits
+
+    def finish(self) -> None:
+        """Account the decoded slots in the cache and release the graph."""
+        self.cache.length += self.steps
+        self.graph = None
+
+
+def _sample_or_greedy(decoder, s, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer):
     """Greedy / sampling loop. Tokens stay on the device; the host reads them once at the end (stop strings
     excepted: they need the text of every step)."""
     b = logits.shape[0]
@@ -293,7 +405,6 @@ def _sample_or_greedy(model, s, logits, mask, cache, seen, eos_ids, pad_id, gene
     finish_step = torch.full((b,), steps_max, dtype=torch.long, device=device)
     rows_idx = torch.arange(b, device=device)
     pad = torch.full((b,), pad_id, dtype=torch.long, device=device)
-    ones = torch.ones_like(mask[:, :1])
     flag = _AllFinishedFlag(device)
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
     steps = 0
@@ -323,8 +434,7 @@ def _sample_or_greedy(model, s, logits, mask, cache, seen, eos_ids, pad_id, gene
         flag.record(finished)
         if flag.done_before_next_step():
             break
-        mask = torch.cat((mask, ones), dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_logits_only=True).logits[:, -1].float()
+        logits = decoder(nxt)
         if flag.done_after_next_step_queued():
             break  # the step just queued only fed finished rows; its logits are dropped
     host_tokens = tokens[:, :steps].tolist()

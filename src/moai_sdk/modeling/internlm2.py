@@ -207,12 +207,15 @@ class InternLM2Attention(nn.Module):
         kv_length: int,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         causal: bool = False,
+        cache_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One attention block.
 
         ``attn_bias`` is the additive mask [B, 1, L, past + L] (may be ``None`` when ``causal`` is set or for a
         single-token step without padding); ``causal=True`` means "no padding, no past": plain causal attention.
-        ``rope`` = precomputed (cos, sin) for ``positions`` (computed here when absent).
+        ``rope`` = precomputed (cos, sin) for ``positions`` (computed here when absent). ``cache_index`` (a
+        one-element LongTensor on the device) switches to fixed shapes: the new keys/values are written at that
+        slot and the attention covers the whole cache, ``attn_bias`` masking the slots not written yet.
         """
         if self.mixer is not None and aux is not None and im_mask is not None and lang_mask is not None:
             hidden_states = self.mixer(hidden_states, im_mask, lang_mask, aux)
@@ -229,7 +232,11 @@ class InternLM2Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
-        if cache is not None:
+        if cache is not None and cache_index is not None:
+            cache.key.index_copy_(2, cache_index, k)
+            cache.value.index_copy_(2, cache_index, v)
+            k, v = cache.key, cache.value
+        elif cache is not None:
             end = cache_start + q_len
             cache.key[:, :, cache_start:end] = k
             cache.value[:, :, cache_start:end] = v
@@ -343,12 +350,20 @@ class InternLM2Model(nn.Module):
         lang_mask: torch.Tensor | None = None,
         aux: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cache_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder.
 
         ``attention_mask`` is the 2-D key mask [B, past + L] (1 = attend); ``positions`` [B, L] the rotary
         positions of the new tokens; ``cache`` (optional) receives the new keys/values after its current length.
+
+        With ``cache_index`` (one new token, a one-element LongTensor on the device) the pass has fixed shapes
+        and reads nothing back to the host, so it can be captured in a CUDA graph: ``attention_mask`` covers
+        the whole cache [B, capacity], the token's keys/values go to slot ``cache_index`` and ``cache.length``
+        is left to the caller.
         """
+        if cache_index is not None:
+            return self._fixed_shape_step(inputs_embeds, attention_mask, positions, cache, cache_index)
         q_len = inputs_embeds.shape[1]
         past = cache.length if cache is not None else 0
         kv_length = past + q_len
@@ -380,6 +395,33 @@ class InternLM2Model(nn.Module):
             )
         if cache is not None:
             cache.length = kv_length
+        return self.norm(h)
+
+    def _fixed_shape_step(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        cache_index: torch.Tensor,
+    ) -> torch.Tensor:
+        if cache is None or inputs_embeds.shape[1] != 1:
+            raise ValueError("a fixed-shape step takes one new token and a cache")
+        capacity = cache.capacity
+        if attention_mask.shape[-1] != capacity:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected the capacity {capacity}")
+        rotary = self.layers[0].attention.rotary if self.layers else None
+        if rotary is not None and rotary.scaling_type == "dynamic" and capacity > rotary.max_position_embeddings:
+            raise ValueError("dynamic RoPE scaling depends on the running length; fixed-shape steps cannot follow it")
+        dtype = inputs_embeds.dtype
+        attn_bias = build_attention_bias(attention_mask, 1, capacity - 1, dtype)
+        rope = rotary(positions, capacity, dtype) if rotary is not None else None
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(
+                h, im_mask=None, positions=positions, attn_bias=attn_bias, lang_mask=None, aux=None,
+                cache=cache.layers[i], cache_start=0, kv_length=capacity, rope=rope, cache_index=cache_index,
+            )
         return self.norm(h)
 
 
