@@ -65,11 +65,11 @@ def test_tiny_benchmark_writes_results_and_modes_agree(smoke, capsys):
 
 
 def test_targets_are_evaluated_from_the_ratios():
-    def setup(name, batch, ratio=None, stages=None):
+    def setup(name, batch, ratio=None, stages=None, gpu="NVIDIA H100 80GB HBM3", layers=32):
         entry = {"batch_size": batch, "modes": {"default": {"stages": stages or {}}}}
         if ratio is not None:
             entry["ratio"] = {"generate": ratio}
-        return {"name": name, "batches": [entry]}
+        return {"name": name, "batches": [entry], "info": {"gpu": gpu, "layers": layers}}
 
     stat = lambda v: {"median": v}  # noqa: E731
     results = [
@@ -81,12 +81,15 @@ def test_targets_are_evaluated_from_the_ratios():
     verdicts = {c["target"]: c["ok"] for c in bench.evaluate_targets(results) if c["target"].startswith("7b")}
     assert sorted(verdicts.values()) == [False, True, True]  # memory over 8 GB, decode and end-to-end fine
     assert verdicts["7b nf4: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)"] is False
-    # without experts (no end-to-end stage) the pipeline-level memory and latency targets are not judged
-    lora = [setup("7b-nf4-lora", 1, stages={"peak_mem_bytes": stat(7.6e9), "decode_tok_s": stat(42.0), "e2e": stat(2.0)})]
-    verdicts = {c["target"]: c["ok"] for c in bench.evaluate_targets(lora)}
+    lora_stages = {"peak_mem_bytes": stat(7.6e9), "decode_tok_s": stat(42.0), "e2e": stat(2.0)}
+    verdicts = {c["target"]: c["ok"] for c in bench.evaluate_targets([setup("7b-nf4-lora", 1, stages=lora_stages)])}
     assert verdicts == {"7b nf4-lora batch 1: decode >= 30 tokens/s": True,
                         "7b nf4-lora: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)": True,
                         "7b nf4-lora batch 1: end-to-end (experts + new tokens) <= 1.5 s": False}
+    # dry runs of the 7B code path (CPU, or fewer layers) are not judged against the 7B targets
+    assert bench.evaluate_targets([setup("7b-nf4-lora", 1, stages=lora_stages, gpu=None)]) == []
+    assert bench.evaluate_targets([setup("7b-nf4", 1, stages=lora_stages, layers=2)]) == []
+    # without experts (no end-to-end stage) the pipeline-level memory and latency targets are not judged
     llm_only = [setup("7b-nf4", 1, stages={"peak_mem_bytes": stat(7e9), "decode_tok_s": stat(42.0)})]
     assert [c["target"] for c in bench.evaluate_targets(llm_only)] == ["7b nf4 batch 1: decode >= 30 tokens/s"]
 
