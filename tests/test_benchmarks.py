@@ -175,3 +175,18 @@ def test_owlv2_tokenizer_fits_every_official_query_in_16_positions():
     assert bool((enc["input_ids"][:, 0] > 0).all())  # every query is real (padding id 0 never starts one)
     assert tok.eos_token_id == max(tok.get_vocab().values())  # CLIP pools at the highest id
     assert tok.tokenize("red wolf or maned wolf") == ["red</w>", "wolf</w>", "or</w>", "maned</w>", "wolf</w>"]
+
+
+def test_psgtr_stage_benchmark(tmp_path, capsys):
+    from benchmarks import psgtr
+
+    out = tmp_path / "psgtr.json"
+    assert psgtr.main(["--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "PSGTR R-50, one 490x490 image, cpu float32" in table and "results agree (labels, pairs): True" in table
+    report = json.loads(out.read_text())
+    assert report["agree"] is True and set(report["peak_bytes"]) == set(psgtr.SETTINGS)
+    for samples in report["samples_s"].values():
+        assert set(samples) == set(psgtr.STAGES)
+        parts = sum(samples[s][0] for s in psgtr.STAGES if s != "total")
+        assert abs(samples["total"][0] - parts) < 1e-9 and all(samples[s][0] > 0 for s in ("backbone", "mask_heads"))
