@@ -378,7 +378,9 @@ class FixedShapeDecoder:
     def _capture_and_run(self) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            # thread_local: CUDA calls that other threads make meanwhile (a server, a streaming consumer) are
+            # not this capture's business
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 logits = self._step()  # recorded, not run
         except RuntimeError as exc:
             logger.warning("CUDA graph capture failed (%s); decoding without a graph", exc)
