@@ -160,3 +160,19 @@ def test_fixed_shape_decoder_state(tiny_model, inputs):
         tiny_model(**inputs, cache=full, last_logits_only=True)
         with pytest.raises(GenerationError, match="no room"):
             FixedShapeDecoder(tiny_model, full, out.attention_mask)
+
+
+def test_fixed_shape_steps_fall_back_under_dynamic_rope_beyond_its_range(tiny_model, inputs, caplog, monkeypatch):
+    from moai_sdk.modeling.generation import FixedShapeDecoder
+
+    rotary = tiny_model.model.layers[0].attention.rotary
+    assert FixedShapeDecoder.supported(tiny_model, 100)
+    monkeypatch.setattr(rotary, "scaling_type", "dynamic")
+    monkeypatch.setattr(rotary, "max_position_embeddings", 1000)
+    assert not FixedShapeDecoder.supported(tiny_model, 1400)
+    built = []
+    monkeypatch.setattr(FixedShapeDecoder, "__init__", lambda self, *a: built.append(a))  # must not be used
+    with caplog.at_level("INFO", logger="moai_sdk.modeling.generation"):
+        out = tiny_model.generate(**inputs, max_new_tokens=3, eos_token_id=[], cuda_graphs=True, return_dict=True)
+    assert len(out.new_tokens[0]) == 3 and built == []
+    assert "dynamic RoPE scaling" in caplog.text

@@ -219,7 +219,8 @@ def generate(
         result = _beam_search(model, settings, logits, mask, cache, seen, eos_ids, pad_id, b)
         new, scores, step_logits = result[0], result[1], None
     else:
-        decoder = FixedShapeDecoder(model, cache, mask) if settings.cuda_graphs else _GrowingMaskDecoder(model, cache, mask)
+        fixed = settings.cuda_graphs and FixedShapeDecoder.supported(model, cache.capacity)
+        decoder = FixedShapeDecoder(model, cache, mask) if fixed else _GrowingMaskDecoder(model, cache, mask)
         new, step_logits = _sample_or_greedy(
             decoder, settings, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer
         )
@@ -338,6 +339,20 @@ class FixedShapeDecoder:
         self.stream: Any = None
         self.graph: Any = None
         self.logits: torch.Tensor | None = None
+
+    @staticmethod
+    def supported(model, capacity: int) -> bool:
+        """False (logged) when the model's rotary embedding depends on the running length: dynamic NTK scaling
+        beyond ``max_position_embeddings`` cannot be part of a fixed-shape step."""
+        layers = model.model.layers
+        rotary = layers[0].attention.rotary if len(layers) else None
+        if rotary is not None and rotary.scaling_type == "dynamic" and capacity > rotary.max_position_embeddings:
+            logger.info(
+                "cuda_graphs: %d positions exceed max_position_embeddings (%d) under dynamic RoPE scaling; "
+                "decoding without fixed-shape steps", capacity, rotary.max_position_embeddings,
+            )
+            return False
+        return True
 
     def _step(self) -> torch.Tensor:
         self.mask.index_fill_(1, self.index, 1)
