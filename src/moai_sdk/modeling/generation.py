@@ -346,7 +346,7 @@ class FixedShapeDecoder:
         beyond ``max_position_embeddings`` cannot be part of a fixed-shape step."""
         layers = model.model.layers
         rotary = layers[0].attention.rotary if len(layers) else None
-        if rotary is not None and rotary.scaling_type == "dynamic" and capacity > rotary.max_position_embeddings:
+        if rotary is not None and rotary.varies_with_length(capacity):
             logger.info(
                 "cuda_graphs: %d positions exceed max_position_embeddings (%d) under dynamic RoPE scaling; "
                 "decoding without fixed-shape steps", capacity, rotary.max_position_embeddings,

@@ -78,10 +78,14 @@ class RotaryEmbedding(nn.Module):
         device = self.inv_freq.device if self.inv_freq.device.type != "meta" else torch.device("cpu")
         self.inv_freq = self._inv_freq(self.base, device)
 
+    def varies_with_length(self, seq_len: int) -> bool:
+        """True when the frequencies depend on the key length ``seq_len`` (dynamic scaling beyond the range)."""
+        return self.scaling_type == "dynamic" and seq_len > self.max_position_embeddings
+
     def forward(self, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [B, 1, L, dim] for integer ``positions`` [B, L]; ``seq_len`` is the key length."""
         inv_freq = self.inv_freq
-        if self.scaling_type == "dynamic" and seq_len > self.max_position_embeddings:
+        if self.varies_with_length(seq_len):
             f = self.scaling_factor
             base = self.base * ((f * seq_len / self.max_position_embeddings) - (f - 1)) ** (self.dim / (self.dim - 2))
             inv_freq = self._inv_freq(base, positions.device)
@@ -411,7 +415,7 @@ class InternLM2Model(nn.Module):
         if attention_mask.shape[-1] != capacity:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected the capacity {capacity}")
         rotary = self.layers[0].attention.rotary if self.layers else None
-        if rotary is not None and rotary.scaling_type == "dynamic" and capacity > rotary.max_position_embeddings:
+        if rotary is not None and rotary.varies_with_length(capacity):
             raise ValueError("dynamic RoPE scaling depends on the running length; fixed-shape steps cannot follow it")
         dtype = inputs_embeds.dtype
         attn_bias = build_attention_bias(attention_mask, 1, capacity - 1, dtype)
