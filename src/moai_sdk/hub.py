@@ -8,21 +8,92 @@ says what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Optional, Union
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value now (``1``/``true``/``yes``/``on``, any case).
+
+    The one place that reads the variable: ``HF_HUB_OFFLINE=false`` or ``0`` means online.
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
 def offline(local_files_only: bool = False) -> bool:
     """True when nothing may be downloaded (``local_files_only`` or ``HF_HUB_OFFLINE`` set now)."""
-    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(local_files_only) or env_offline()
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Where and how to fetch files from the Hugging Face Hub: one value carried by every component.
+
+    ``revision`` (branch, tag or commit), ``cache_dir`` (the Hub cache folder), ``token`` (for private or gated
+    repositories; ``True`` reads the saved login) and ``local_files_only`` (never download). ``HF_HUB_OFFLINE``
+    is read when a file is fetched (:attr:`offline`), not when the value is built.
+    """
+
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None
+    token: Union[str, bool, None] = None
+    local_files_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
+            raise ConfigError(f"revision must be a non-empty string or None; got {self.revision!r}")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)):
+                raise ConfigError(f"cache_dir must be a folder path or None; got {type(self.cache_dir).__name__}")
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if self.token is not None and not isinstance(self.token, (str, bool)):
+            raise ConfigError(f"token must be a string, True/False or None; got {type(self.token).__name__}")
+        object.__setattr__(self, "local_files_only", bool(self.local_files_only))
+
+    @classmethod
+    def from_any(cls, value: "HubOptions | Mapping[str, Any] | None" = None, **overrides: Any) -> "HubOptions":
+        """A :class:`HubOptions` from ``None``, an instance or a dict, with keyword ``overrides`` that are not None."""
+        if value is None:
+            fields: dict[str, Any] = {}
+        elif isinstance(value, HubOptions):
+            fields = dataclasses.asdict(value)
+        elif isinstance(value, Mapping):
+            fields = dict(value)
+        else:
+            raise ConfigError(f"hub options must be a HubOptions, a dict or None; got {type(value).__name__}")
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown hub option(s) {sorted(unknown)}; known: revision, cache_dir, token, local_files_only")
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> "HubOptions":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def offline(self) -> bool:
+        """True when nothing may be downloaded now (``local_files_only`` or ``HF_HUB_OFFLINE``)."""
+        return offline(self.local_files_only)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The four settings as keyword arguments of ``huggingface_hub`` / transformers ``from_pretrained``
+        (``local_files_only`` already folds in ``HF_HUB_OFFLINE``)."""
+        return {"revision": self.revision, "cache_dir": self.cache_dir, "token": self.token,
+                "local_files_only": self.offline}
 
 
 def is_repo_id(value: str) -> bool:
@@ -130,4 +201,4 @@ def resolve_file(
     )
 
 
-__all__ = ["download", "resolve_file", "offline", "is_repo_id"]
+__all__ = ["HubOptions", "download", "resolve_file", "offline", "env_offline", "is_repo_id"]
