@@ -59,11 +59,21 @@ def run_once(net: PSGTR, image: np.ndarray, config: PSGTRConfig, device: torch.d
         mask = torch.zeros(pixels.shape[0], *pixels.shape[-2:], dtype=torch.bool, device=device)
         timed("transformer", lambda: head(feats, mask, with_masks=False))  # for the split only
         full = timed("head", lambda: head(feats, mask, with_masks=True))
-        pred = timed("postprocess", lambda: postprocess(
-            full.sub_logits[-1, 0], full.obj_logits[-1, 0], full.rel_logits[-1, 0], full.sub_boxes[-1, 0],
-            full.obj_boxes[-1, 0], full.sub_mask_logits[0], full.obj_mask_logits[0], prep.img_shape,
-            prep.scale_factor, config,
-        ))
+        pred = timed(
+            "postprocess",
+            lambda: postprocess(
+                full.sub_logits[-1, 0],
+                full.obj_logits[-1, 0],
+                full.rel_logits[-1, 0],
+                full.sub_boxes[-1, 0],
+                full.obj_boxes[-1, 0],
+                full.sub_mask_logits[0],
+                full.obj_mask_logits[0],
+                prep.img_shape,
+                prep.scale_factor,
+                config,
+            ),
+        )
     times["mask_heads"] = times.pop("head") - times["transformer"]
     times["total"] = sum(times[s] for s in ("preprocess", "backbone", "transformer", "mask_heads", "postprocess"))
     return times, pred
@@ -104,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
                     samples[name][stage].append(value)
 
     first, second = (preds[name] for name in SETTINGS)
-    agree = bool(np.array_equal(first.labels, second.labels) and np.array_equal(first.rel_pair_idxes, second.rel_pair_idxes))
+    agree = bool(
+        np.array_equal(first.labels, second.labels) and np.array_equal(first.rel_pair_idxes, second.rel_pair_idxes)
+    )
     header = f"{'stage (ms)':<14}" + "".join(f"{name:>26}" for name in SETTINGS)
-    lines = [f"PSGTR R-50, one {image.shape[1]}x{image.shape[0]} image, {device} {args.dtype}, "
-             f"{torch.get_num_threads()} thread(s), {args.repeats} repeats", header]
+    lines = [
+        f"PSGTR R-50, one {image.shape[1]}x{image.shape[0]} image, {device} {args.dtype}, "
+        f"{torch.get_num_threads()} thread(s), {args.repeats} repeats",
+        header,
+    ]
     for stage in STAGES:
         row = f"{stage:<14}"
         for name in SETTINGS:
@@ -118,8 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"results agree (labels, pairs): {agree}")
     print("\n".join(lines))
     if args.out:
-        args.out.write_text(json.dumps({"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-                                        "samples_s": samples, "peak_bytes": peaks, "agree": agree}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "dtype": args.dtype,
+                    "threads": torch.get_num_threads(),
+                    "samples_s": samples,
+                    "peak_bytes": peaks,
+                    "agree": agree,
+                },
+                indent=1,
+            )
+        )
     return 0 if agree else 1
 
 

@@ -28,7 +28,10 @@ def official_inputs(fixture: Path, case: dict, tensors: dict) -> dict:
     name = case["name"]
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
-    images = [torch.from_numpy(np.array(Image.open(fixture / f)))[..., :3].permute(2, 0, 1).float() for f in case["image_files"]]
+    images = [
+        torch.from_numpy(np.array(Image.open(fixture / f)))[..., :3].permute(2, 0, 1).float()
+        for f in case["image_files"]
+    ]
     return {
         "input_ids": tensors[f"{name}.input_ids"],
         "pixel_values": (torch.stack(images) - mean) / std,
@@ -46,7 +49,9 @@ def main() -> None:
     torch.set_num_threads(2)
     cases = json.loads((args.fixture / "cases.json").read_text())["cases"]
     tensors = load_file(str(args.fixture / "cases.safetensors"))
-    print("| quantization | parameter bytes | last-logit rel. error (" + " / ".join(c["name"][0] for c in cases) + ") |")
+    print(
+        "| quantization | parameter bytes | last-logit rel. error (" + " / ".join(c["name"][0] for c in cases) + ") |"
+    )
     print("| --- | --- | --- |")
     for mode in (None, "nf4", "nf4-lora", "int8", "official"):
         model = MoAIForCausalLM.from_pretrained(args.fixture, device="cpu", dtype="float32", quantization=mode)

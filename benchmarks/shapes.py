@@ -187,7 +187,9 @@ def mask2former_swin_b_config():
 
 
 def _build_on(device: torch.device, dtype: torch.dtype, factory, seed: int) -> nn.Module:
-    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -230,7 +232,11 @@ def _bisect(count, target: int, low: float, high: float, steps: int = 30) -> flo
 
 
 def calibrate_mask2former(
-    model: nn.Module, processor: Any, threshold: float, mask_threshold: float, overlap: float,
+    model: nn.Module,
+    processor: Any,
+    threshold: float,
+    mask_threshold: float,
+    overlap: float,
     target: int = SEGMENT_TARGET,
 ) -> tuple[float, float]:
     """Scale a random Mask2Former's class logits and mask logits so that about ``target`` segments come out of
@@ -263,8 +269,12 @@ def calibrate_mask2former(
     def segments(s: float, t: float) -> int:
         fake = SimpleNamespace(class_queries_logits=class_logits * s, masks_queries_logits=mask_logits * t)
         found = processor.post_process_panoptic_segmentation(
-            fake, threshold=threshold, mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap,
-            label_ids_to_fuse=set(), target_sizes=[tuple(frame.shape[-2:])],
+            fake,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap,
+            label_ids_to_fuse=set(),
+            target_sizes=[tuple(frame.shape[-2:])],
         )
         return len(found[0]["segments_info"])
 
@@ -275,7 +285,9 @@ def calibrate_mask2former(
         head = model.class_predictor
         head.weight.mul_(s)
         head.bias.mul_(s)
-        last = [m for m in model.modules() if isinstance(m, nn.Linear) and m in set(_mask_embedder(model).modules())][-1]
+        last = [m for m in model.modules() if isinstance(m, nn.Linear) and m in set(_mask_embedder(model).modules())][
+            -1
+        ]
         last.weight.mul_(t)
         if last.bias is not None:
             last.bias.mul_(t)
@@ -290,7 +302,12 @@ def _mask_embedder(model: nn.Module) -> nn.Module:
 
 
 def calibrate_owlv2(
-    model: nn.Module, processor: Any, queries, threshold: float, target: int = BOX_TARGET, strong: int = STRONG_BOX_TARGET
+    model: nn.Module,
+    processor: Any,
+    queries,
+    threshold: float,
+    target: int = BOX_TARGET,
+    strong: int = STRONG_BOX_TARGET,
 ) -> tuple[float, float]:
     """Calibrate a random OWLv2's class head so that on :func:`calibration_frame` about ``target`` boxes
     score above ``threshold`` and about ``strong`` of them reach 0.5 (what the verbalization lists).
@@ -305,7 +322,9 @@ def calibrate_owlv2(
     """
     param = next(model.parameters())
     inputs = processor(text=[list(queries)], images=[calibration_frame()], return_tensors="pt")
-    inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)) for k, v in inputs.items()}
+    inputs = {
+        k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)) for k, v in inputs.items()
+    }
     head = model.class_head
     image_feats, query_embeds, query_mask = _capture_input(head, lambda: model(**inputs))
     with torch.inference_mode():

@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     with open(args.out, "w", encoding="utf-8") as out, tqdm(total=len(images), unit="image") as bar:
         for start in range(0, len(images), args.batch_size):
-            chunk = images[start:start + args.batch_size]
+            chunk = images[start : start + args.batch_size]
             results = pipe([str(p) for p in chunk], args.prompt, max_new_tokens=args.max_new_tokens)
             for path, result in zip(chunk, results, strict=True):
                 line = {"image": str(path), "result": json.loads(result.to_json())}

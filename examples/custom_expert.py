@@ -50,8 +50,14 @@ class ColourBlobDetector(Expert):
                 if mask.sum() < min_fraction * h * w:
                     continue
                 rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-                box = Box(x0=float(cols[0]), y0=float(rows[0]), x1=float(cols[-1] + 1), y1=float(rows[-1] + 1),
-                          frame_width=w, frame_height=h)
+                box = Box(
+                    x0=float(cols[0]),
+                    y0=float(rows[0]),
+                    x1=float(cols[-1] + 1),
+                    y1=float(rows[-1] + 1),
+                    frame_width=w,
+                    frame_height=h,
+                )
                 score = float(mask.sum() / max(box.area, 1.0))
                 detections.append(Detection(label=f"{label} object", label_index=index, score=score, box=box))
             results.append(self.make_result(frame, detections=detections))

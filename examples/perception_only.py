@@ -39,8 +39,10 @@ def main(argv: Optional[Sequence[str]] = None) -> PerceptionResult:
         image = args.image
 
     perception = pipe.perceive(image)  # experts only; the model is never loaded
-    print(f"{len(perception.segments)} segments, {len(perception.detections)} detections, "
-          f"{len(perception.relations)} relations, {len(perception.text_lines)} text lines")
+    print(
+        f"{len(perception.segments)} segments, {len(perception.detections)} detections, "
+        f"{len(perception.relations)} relations, {len(perception.text_lines)} text lines"
+    )
     for line in perception.text_lines:
         print(f"  text {line.text!r} ({line.confidence:.2f})")
     print("verbalization:", repr(pipe.verbalize(perception)))

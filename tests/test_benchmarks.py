@@ -15,18 +15,47 @@ from conftest import official_inputs, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import run as bench  # noqa: E402
-from benchmarks.shapes import build_random_moai, moai_7b_config, owlv2_query_tokenizer  # noqa: E402
+from benchmarks import run as bench
+from benchmarks.shapes import build_random_moai, moai_7b_config, owlv2_query_tokenizer
 
-STAGES = {"experts", "expert:mask2former", "expert:owlv2", "verbalize", "processor", "vision", "aux_embed",
-          "compression", "prefill", "generate", "ttft", "decode_tok_s", "e2e", "peak_mem_bytes"}
+STAGES = {
+    "experts",
+    "expert:mask2former",
+    "expert:owlv2",
+    "verbalize",
+    "processor",
+    "vision",
+    "aux_embed",
+    "compression",
+    "prefill",
+    "generate",
+    "ttft",
+    "decode_tok_s",
+    "e2e",
+    "peak_mem_bytes",
+}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--config", "tiny-cpu", "--batch-sizes", "2", "--repeats", "1", "--warmup", "0", "--new-tokens", "4",
-            "--cuda-graphs", "--out", str(out / "tiny.json"), "--workdir", str(out / "work")]
+    argv = [
+        "--config",
+        "tiny-cpu",
+        "--batch-sizes",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "4",
+        "--cuda-graphs",
+        "--out",
+        str(out / "tiny.json"),
+        "--workdir",
+        str(out / "work"),
+    ]
     return bench.main(argv), json.loads((out / "tiny.json").read_text())
 
 
@@ -83,9 +112,11 @@ def test_targets_are_evaluated_from_the_ratios():
     assert verdicts["7b nf4: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)"] is False
     lora_stages = {"peak_mem_bytes": stat(7.6e9), "decode_tok_s": stat(42.0), "e2e": stat(2.0)}
     verdicts = {c["target"]: c["ok"] for c in bench.evaluate_targets([setup("7b-nf4-lora", 1, stages=lora_stages)])}
-    assert verdicts == {"7b nf4-lora batch 1: decode >= 30 tokens/s": True,
-                        "7b nf4-lora: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)": True,
-                        "7b nf4-lora batch 1: end-to-end (experts + new tokens) <= 1.5 s": False}
+    assert verdicts == {
+        "7b nf4-lora batch 1: decode >= 30 tokens/s": True,
+        "7b nf4-lora: peak GPU memory of the pipeline <= 8 GB (8e9 bytes)": True,
+        "7b nf4-lora batch 1: end-to-end (experts + new tokens) <= 1.5 s": False,
+    }
     # dry runs of the 7B code path (CPU, or fewer layers) are not judged against the 7B targets
     assert bench.evaluate_targets([setup("7b-nf4-lora", 1, stages=lora_stages, gpu=None)]) == []
     assert bench.evaluate_targets([setup("7b-nf4", 1, stages=lora_stages, layers=2)]) == []
@@ -114,7 +145,9 @@ def test_sdpa_paths_compute_the_eager_reference():
     step_bias = build_attention_bias(mask, 1, length - 1, torch.float32)
     assert step_bias.shape == (b, 1, 1, length)
     q1 = q[:, :, -1:]
-    assert rel_err(sdpa_attention(q1, k, v, step_bias, groups, False), eager_attention(q1, k, v, step_bias, groups)) < 1e-5
+    assert (
+        rel_err(sdpa_attention(q1, k, v, step_bias, groups, False), eager_attention(q1, k, v, step_bias, groups)) < 1e-5
+    )
 
 
 def test_lagged_end_check_gives_the_same_generation(tiny_model, cases, cases_meta, monkeypatch):
@@ -134,9 +167,17 @@ def test_lagged_end_check_gives_the_same_generation(tiny_model, cases, cases_met
 
 
 def _small_7b_like():
-    config = moai_7b_config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
-    config.structure.vision_config.update(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    config = moai_7b_config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config.structure.vision_config.update(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+    )
     config.structure.mm_hidden_size = 32
     config.structure.mixer_layers = [1]
     return config
@@ -154,8 +195,15 @@ def test_random_builder_fills_every_tensor():
     assert torch.equal(model.output.weight, again.output.weight)  # seeded
     ids = torch.tensor([[1, 5, 1000, 7, 8]])
     pixels = torch.randn(1, 3, 490, 490)
-    out = model.generate(ids, pixels, aux_input_ids=torch.tensor([[3, 4, 5]]), panoptic_pixel_values=pixels,
-                         max_new_tokens=3, eos_token_id=[], return_dict=True)
+    out = model.generate(
+        ids,
+        pixels,
+        aux_input_ids=torch.tensor([[3, 4, 5]]),
+        panoptic_pixel_values=pixels,
+        max_new_tokens=3,
+        eos_token_id=[],
+        return_dict=True,
+    )
     assert len(out.new_tokens[0]) == 3
 
 

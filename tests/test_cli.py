@@ -68,9 +68,24 @@ def test_perceive_json_reads_rendered_text(text_image):
 def test_run_on_the_tiny_model_streams_and_prints_json(tiny_root, text_image, tmp_path):
     picture = tmp_path / "run.png"
     proc = run(
-        "run", str(text_image), "What does it say?", "--model", str(tiny_root / "moai"), "--device", "cpu",
-        "--quantization", "none", "--experts", "rapidocr", "--max-new-tokens", "5", "--json", "--stream",
-        "--plot", str(picture), "--local-files-only",
+        "run",
+        str(text_image),
+        "What does it say?",
+        "--model",
+        str(tiny_root / "moai"),
+        "--device",
+        "cpu",
+        "--quantization",
+        "none",
+        "--experts",
+        "rapidocr",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--stream",
+        "--plot",
+        str(picture),
+        "--local-files-only",
     )
     assert proc.returncode == 0, proc.stderr
     result = MoAIResult.from_json(proc.stdout)
@@ -130,8 +145,9 @@ class FakeHub:
         self.files: list[dict] = []
 
     def snapshot_download(self, repo_id, revision=None, allow_patterns=None, **kwargs):
-        self.snapshots.append({"repo_id": repo_id, "revision": revision, "allow_patterns": list(allow_patterns),
-                               **kwargs})
+        self.snapshots.append(
+            {"repo_id": repo_id, "revision": revision, "allow_patterns": list(allow_patterns), **kwargs}
+        )
         folder = self.root / repo_id.replace("/", "--")
         folder.mkdir(parents=True, exist_ok=True)
         if repo_id == "BK-Lee/MoAI-7B":
@@ -163,21 +179,28 @@ def test_download_fetches_model_and_expert_weights(tiny_root, tmp_path, monkeypa
     hub = FakeHub(tmp_path, tiny_root / "moai", with_vision)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
-    status = cli.main(["download", "--cache-dir", str(tmp_path / "cache"), "--json",
-                       "--experts", "mask2former,owlv2,psgtr,rapidocr"])
+    status = cli.main(
+        ["download", "--cache-dir", str(tmp_path / "cache"), "--json", "--experts", "mask2former,owlv2,psgtr,rapidocr"]
+    )
     assert status == 0
     report = json.loads(capsys.readouterr().out)["downloaded"]
     repos = [s["repo_id"] for s in hub.snapshots]
-    assert repos == ["BK-Lee/MoAI-7B", "facebook/mask2former-swin-base-coco-panoptic",
-                     "google/owlv2-base-patch16-ensemble"]
+    assert repos == [
+        "BK-Lee/MoAI-7B",
+        "facebook/mask2former-swin-base-coco-panoptic",
+        "google/owlv2-base-patch16-ensemble",
+    ]
     model_patterns = hub.snapshots[0]["allow_patterns"]
     assert {"config.json", "*.safetensors", "tokenizer.model"} <= set(model_patterns)
     assert all(s["cache_dir"] == str(tmp_path / "cache") for s in hub.snapshots)
     psgtr = [f for f in hub.files if f["repo_id"] == "ECCV2022/PSG"]
     assert psgtr == [{"repo_id": "ECCV2022/PSG", "filename": "OpenPSG/checkpoints/epoch_60.pth", "repo_type": "space"}]
     clip = [f for f in hub.files if f["repo_id"] == "openai/clip-vit-large-patch14-336"]
-    assert clip == ([] if with_vision else [{"repo_id": "openai/clip-vit-large-patch14-336",
-                                             "filename": "model.safetensors", "repo_type": None}])
+    assert clip == (
+        []
+        if with_vision
+        else [{"repo_id": "openai/clip-vit-large-patch14-336", "filename": "model.safetensors", "repo_type": None}]
+    )
     methods = {s["component"]: s["method"] for s in report}
     assert methods["expert.rapidocr"] == "bundled"
     assert methods["vision_tower"] == ("skipped" if with_vision else "file")

@@ -52,7 +52,10 @@ def _raw_inputs(processor, metas):
     images = [np.array(Image.open(TINY / m["image_files"][0])) for m in metas]
     maps = [np.array(Image.open(TINY / m["panoptic_map_files"][0])) for m in metas]
     return processor(
-        images, [m["prompt"][0] for m in metas], [m["verbalization"][0]["aux"] for m in metas], maps,
+        images,
+        [m["prompt"][0] for m in metas],
+        [m["verbalization"][0]["aux"] for m in metas],
+        maps,
         template=["chat" if m["template"] != "demo" else "demo" for m in metas],
     )
 
@@ -66,7 +69,9 @@ def test_float32_parity_with_the_oracle(cuda_fp32, cases, cases_meta, name):
     assert rel_err(out.image_features, cases[f"{name}.image_features"]) < TOL
     assert rel_err(out.compressed_aux, cases[f"{name}.compressed_aux"]) < TOL
     assert rel_err(out.logits[:, -1], cases[f"{name}.logits_last"]) < TOL
-    text = torch.gather(out.logits.cpu(), 1, cases[f"{name}.text_positions"][..., None].expand(-1, -1, out.logits.shape[-1]))
+    text = torch.gather(
+        out.logits.cpu(), 1, cases[f"{name}.text_positions"][..., None].expand(-1, -1, out.logits.shape[-1])
+    )
     assert rel_err(text, cases[f"{name}.logits_text_positions"]) < TOL
     gen = cuda_fp32.generate(**inputs, max_new_tokens=12, eos_token_id=[], return_dict=True, output_logits=True)
     assert gen.new_tokens == cases[f"{name}.new_tokens"].tolist()
@@ -97,8 +102,9 @@ def test_padded_batch_equals_single_rows_on_cuda(cuda_fp32, processor, cases_met
     assert batch.attention_mask.min() == 0
     gen_b = cuda_fp32.generate(**batch, max_new_tokens=8, eos_token_id=[], return_dict=True, output_logits=True)
     for i, meta in enumerate(metas):
-        gen_s = cuda_fp32.generate(**_raw_inputs(processor, [meta]), max_new_tokens=8, eos_token_id=[],
-                                   return_dict=True, output_logits=True)
+        gen_s = cuda_fp32.generate(
+            **_raw_inputs(processor, [meta]), max_new_tokens=8, eos_token_id=[], return_dict=True, output_logits=True
+        )
         assert gen_b.new_tokens[i] == gen_s.new_tokens[0]
         for step_b, step_s in zip(gen_b.step_logits, gen_s.step_logits):
             assert rel_err(step_b[i], step_s[0]) < TOL
@@ -155,8 +161,10 @@ def test_cuda_graph_decoding_matches_plain_decoding(cuda_fp32, processor, cases_
         assert rel_err(a, b) < TOL
     eos = plain.new_tokens[0][4]
     stop = dict(max_new_tokens=10, eos_token_id=eos, return_dict=True)
-    assert cuda_fp32.generate(**inputs, cuda_graphs=True, **stop).new_tokens == \
-        cuda_fp32.generate(**inputs, **stop).new_tokens
+    assert (
+        cuda_fp32.generate(**inputs, cuda_graphs=True, **stop).new_tokens
+        == cuda_fp32.generate(**inputs, **stop).new_tokens
+    )
 
 
 def test_cuda_graph_decoding_with_nf4(cases, cases_meta, monkeypatch):
@@ -182,15 +190,19 @@ def test_float16_generation(processor, cases, cases_meta):
     with torch.no_grad():
         logits = model(**inputs).logits[:, -1].float()
     assert torch.isfinite(logits).all()
-    assert rel_err(logits, cases["a_demo_full.logits_last"]) < 0.25  # the tiny oracle is very sensitive (CPU fp16: 0.07)
+    assert (
+        rel_err(logits, cases["a_demo_full.logits_last"]) < 0.25
+    )  # the tiny oracle is very sensitive (CPU fp16: 0.07)
     greedy = model.generate(**inputs, max_new_tokens=16, eos_token_id=[], return_dict=True)
     assert len(greedy.new_tokens[0]) == 16 and all(0 <= t < 1000 for t in greedy.new_tokens[0])
     assert greedy.timings["prefill"] > 0 and greedy.timings["decode"] > 0
     batch = _raw_inputs(processor, [cases_meta[n] for n in ("a_demo_full", "b_eval_template")])
-    sampled = model.generate(**batch, max_new_tokens=8, do_sample=True, seed=0, top_p=0.9, eos_token_id=[],
-                             return_dict=True)
-    again = model.generate(**batch, max_new_tokens=8, do_sample=True, seed=0, top_p=0.9, eos_token_id=[],
-                           return_dict=True)
+    sampled = model.generate(
+        **batch, max_new_tokens=8, do_sample=True, seed=0, top_p=0.9, eos_token_id=[], return_dict=True
+    )
+    again = model.generate(
+        **batch, max_new_tokens=8, do_sample=True, seed=0, top_p=0.9, eos_token_id=[], return_dict=True
+    )
     assert sampled.new_tokens == again.new_tokens and [len(r) for r in sampled.new_tokens] == [8, 8]
 
 
@@ -229,7 +241,15 @@ def test_7b_shape_builder_quantizes_on_cuda():
     assert len(model.load_info["quantized_modules"]) == 2 * 5
     ids = torch.tensor([[1, 100, config.image_token_id, 200, 300]], device="cuda")
     pixels = torch.randn(1, 3, 490, 490, device="cuda")
-    out = model.generate(ids, pixels, aux_input_ids=torch.tensor([[5, 6, 7]]), panoptic_pixel_values=pixels,
-                         max_new_tokens=4, eos_token_id=[], return_dict=True, output_logits=True)
+    out = model.generate(
+        ids,
+        pixels,
+        aux_input_ids=torch.tensor([[5, 6, 7]]),
+        panoptic_pixel_values=pixels,
+        max_new_tokens=4,
+        eos_token_id=[],
+        return_dict=True,
+        output_logits=True,
+    )
     assert len(out.new_tokens[0]) == 4
     assert all(torch.isfinite(s).all() for s in out.step_logits)

@@ -78,8 +78,9 @@ def test_batch_folder(tiny_root, tmp_path):
         demo_image(word, (320 + 40 * i, 240)).save(folder / f"img{i}.png")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "answers.jsonl"
-    load_example("batch_folder").main([str(folder), "--tiny", str(tiny_root), "--out", str(out), "--batch-size", "2",
-                                        "--max-new-tokens", "3"])
+    load_example("batch_folder").main(
+        [str(folder), "--tiny", str(tiny_root), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "3"]
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(line["image"]).name for line in lines] == ["img0.png", "img1.png", "img2.png"]
     results = [MoAIResult.model_validate(line["result"]) for line in lines]

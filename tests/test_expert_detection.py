@@ -6,26 +6,20 @@ prove that gives the numbers of the official per-image full forward, and that th
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from conftest import random_frames as frames
-
 from moai_sdk.errors import ConfigError, ExpertError
 from moai_sdk.experts import available_experts, create_expert
 from moai_sdk.experts.detection import Owlv2Expert, detections_result, official_queries
 from moai_sdk.experts.tiny import build_tiny_owlv2
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_owl(tmp_path_factory):
     return str(build_tiny_owlv2(tmp_path_factory.mktemp("owlv2")))
-
-
 
 
 def count_text_calls(monkeypatch, expert) -> list[int]:
@@ -71,8 +65,7 @@ def test_cached_queries_equal_the_full_forward(tiny_owl):
     for x, y in zip(ra, rb):
         assert [d.label_index for d in x.detections] == [d.label_index for d in y.detections]
         np.testing.assert_allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-6)
-        np.testing.assert_allclose([d.box.xyxy for d in x.detections], [d.box.xyxy for d in y.detections],
-                                   atol=1e-4)
+        np.testing.assert_allclose([d.box.xyxy for d in x.detections], [d.box.xyxy for d in y.detections], atol=1e-4)
 
 
 def test_text_tower_runs_once_for_all_images(tiny_owl, monkeypatch):

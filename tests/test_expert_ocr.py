@@ -19,14 +19,30 @@ pytest.importorskip("rapidocr_onnxruntime")
 
 # 24 lines: letters, digits, punctuation; drawn in four styles (size, text colour, background)
 LINES = [
-    "The quick brown fox jumps", "over the lazy dog 123", "Reading text in images", "Invoice No. 48213 paid",
-    "Total amount: 56.70 EUR", "Open daily 9am to 5pm",
-    "Platform 7 departures", "Keep left at the fork", "Fresh bread and coffee", "Exit via the north gate",
-    "Room 214 Seminar Hall", "Speed limit 30 km/h",
-    "Welcome to Springfield", "Press the green button", "Parking for guests only", "Call 555-0199 today",
-    "Library closes at 8pm", "No smoking in this area",
-    "Season tickets on sale", "Warning: wet floor", "Gate B12 now boarding", "Mixture of All Intelligence",
-    "Bus 42 to Central Station", "Return by 12 June",
+    "The quick brown fox jumps",
+    "over the lazy dog 123",
+    "Reading text in images",
+    "Invoice No. 48213 paid",
+    "Total amount: 56.70 EUR",
+    "Open daily 9am to 5pm",
+    "Platform 7 departures",
+    "Keep left at the fork",
+    "Fresh bread and coffee",
+    "Exit via the north gate",
+    "Room 214 Seminar Hall",
+    "Speed limit 30 km/h",
+    "Welcome to Springfield",
+    "Press the green button",
+    "Parking for guests only",
+    "Call 555-0199 today",
+    "Library closes at 8pm",
+    "No smoking in this area",
+    "Season tickets on sale",
+    "Warning: wet floor",
+    "Gate B12 now boarding",
+    "Mixture of All Intelligence",
+    "Bus 42 to Central Station",
+    "Return by 12 June",
 ]
 STYLES = [  # (font size, text colour, background colour)
     (22, (0, 0, 0), (255, 255, 255)),
@@ -34,8 +50,6 @@ STYLES = [  # (font size, text colour, background colour)
     (18, (200, 30, 30), (250, 240, 200)),
     (32, (0, 90, 0), (230, 230, 230)),
 ]
-
-
 
 
 def render_page(lines: list[str], size: int, fg, bg) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
@@ -73,7 +87,7 @@ def read_back(result, boxes) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pages():
-    chunks = [LINES[i * 6:(i + 1) * 6] for i in range(4)]
+    chunks = [LINES[i * 6 : (i + 1) * 6] for i in range(4)]
     return [(chunk, *render_page(chunk, *style)) for chunk, style in zip(chunks, STYLES)]
 
 
@@ -95,8 +109,9 @@ def test_rapidocr_reads_rendered_text(pages, record_property):
     cer, cer_nospace = errors / chars, errors_nospace / chars_nospace
     record_property("cer", cer)
     record_property("cer_without_spaces", cer_nospace)
-    print(f"rapidocr on {len(LINES)} rendered lines: CER {cer:.2%} (spaces counted), "
-          f"{cer_nospace:.2%} (spaces ignored)")
+    print(
+        f"rapidocr on {len(LINES)} rendered lines: CER {cer:.2%} (spaces counted), {cer_nospace:.2%} (spaces ignored)"
+    )
     # Measured here: 4.03 % with spaces counted (the PP-OCR Chinese recogniser sometimes drops the space
     # between English words), 0.00 % ignoring spaces.
     assert cer <= 0.05
@@ -168,8 +183,10 @@ def fake_page() -> FakeOCRResult:
         input_path=None,
         rec_texts=["HELLO", "world 42"],
         rec_scores=[0.98, 0.61],
-        rec_polys=[np.array([[10, 20], [110, 20], [110, 40], [10, 40]], dtype=np.int16),
-                   np.array([[12, 60], [90, 58], [91, 80], [13, 82]], dtype=np.int16)],
+        rec_polys=[
+            np.array([[10, 20], [110, 20], [110, 40], [10, 40]], dtype=np.int16),
+            np.array([[12, 60], [90, 58], [91, 80], [13, 82]], dtype=np.int16),
+        ],
         rec_boxes=np.array([[10, 20, 110, 40], [12, 58, 91, 82]], dtype=np.int16),
     )
 

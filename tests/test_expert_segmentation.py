@@ -7,13 +7,11 @@ real forward, so the post-processing has a known answer.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from conftest import random_frames as frames
-
 from moai_sdk.errors import CheckpointError, ConfigError, ExpertError, InputError
 from moai_sdk.experts import Perception, available_experts, create_expert
 from moai_sdk.experts.segmentation import Mask2FormerExpert, segments_from_id_map
@@ -26,13 +24,9 @@ NO_OBJECT = len(COCO)  # Mask2Former's extra "no object" class
 L = 20.0  # a logit far from the decision boundary
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_m2f(tmp_path_factory):
     return str(build_tiny_mask2former(tmp_path_factory.mktemp("m2f")))
-
-
 
 
 def crafted_logits(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +86,15 @@ def test_registered_and_lazy(tiny_m2f):
 
 def test_random_model_end_to_end_shapes(tiny_m2f):
     # a permissive configuration so the random model yields segments, batched over 3 images (batch_size 2)
-    exp = create_expert("mask2former", model_id=tiny_m2f, device="cpu", threshold=0.0, mask_threshold=0.0,
-                        overlap_mask_area_threshold=0.0, batch_size=2)
+    exp = create_expert(
+        "mask2former",
+        model_id=tiny_m2f,
+        device="cpu",
+        threshold=0.0,
+        mask_threshold=0.0,
+        overlap_mask_area_threshold=0.0,
+        batch_size=2,
+    )
     results = exp.predict(frames(3))
     assert len(results) == 3
     for res in results:
@@ -167,8 +168,10 @@ def test_label_fusion_setting_reaches_post_processing(tiny_m2f, monkeypatch):
     # both person queries share segment 1 now; sky becomes 2
     assert (res.panoptic_ids[:, :245] == 1).all() and (res.panoptic_ids[:245, 245:] == 2).all()
     got = [(s.id, s.label, s.area, s.box.xyxy) for s in res.segments]
-    assert got == [(1, "person", 2 * 245 * 245, (0.0, 0.0, 245.0, 490.0)),
-                   (2, "sky-other-merged", 245 * 245, (245.0, 0.0, 490.0, 245.0))]
+    assert got == [
+        (1, "person", 2 * 245 * 245, (0.0, 0.0, 245.0, 490.0)),
+        (2, "sky-other-merged", 245 * 245, (245.0, 0.0, 490.0, 245.0)),
+    ]
 
 
 def test_masks_optional_and_json(tiny_m2f, monkeypatch):

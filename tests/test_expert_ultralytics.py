@@ -74,8 +74,16 @@ def test_registered():
 
 
 def test_yolo_seg_from_yaml_end_to_end():
-    exp = create_expert("yolo-seg", model_id="yolov8n-seg.yaml", device="cpu", conf=0.0, imgsz=160,
-                        max_det=30, overlap_mask_area_threshold=0.0, local_files_only=True)
+    exp = create_expert(
+        "yolo-seg",
+        model_id="yolov8n-seg.yaml",
+        device="cpu",
+        conf=0.0,
+        imgsz=160,
+        max_det=30,
+        overlap_mask_area_threshold=0.0,
+        local_files_only=True,
+    )
     assert isinstance(exp, YoloSegExpert)
     results = exp.predict(frames(3))
     assert len(results) == 3
@@ -145,8 +153,15 @@ def test_yolo_weights_resolution_errors(tmp_path):
 
 
 def test_yolo_world_sets_classes_once(fake_text_encoders):
-    exp = create_expert("yolo-world", model_id="yolov8s-worldv2.yaml", device="cpu", conf=0.0, imgsz=160,
-                        max_det=20, local_files_only=True)
+    exp = create_expert(
+        "yolo-world",
+        model_id="yolov8s-worldv2.yaml",
+        device="cpu",
+        conf=0.0,
+        imgsz=160,
+        max_det=20,
+        local_files_only=True,
+    )
     first = exp.predict(frames(2))
     exp.predict(frames(1, seed=5))
     assert fake_text_encoders == [1847]  # the whole official list, encoded once at load
@@ -161,8 +176,15 @@ def test_yolo_world_sets_classes_once(fake_text_encoders):
 
 
 def test_yoloe_is_picked_by_name(fake_text_encoders):
-    exp = create_expert("yolo-world", model_id="yoloe-11s-seg.yaml", device="cpu", conf=0.0, imgsz=160,
-                        max_det=10, queries=["cat", "dog", "traffic cone"])
+    exp = create_expert(
+        "yolo-world",
+        model_id="yoloe-11s-seg.yaml",
+        device="cpu",
+        conf=0.0,
+        imgsz=160,
+        max_det=10,
+        queries=["cat", "dog", "traffic cone"],
+    )
     (res,) = exp.predict(frames(1))
     assert exp.is_yoloe and fake_text_encoders == [3]
     assert res.detections and {d.label for d in res.detections} <= {"cat", "dog", "traffic cone"}

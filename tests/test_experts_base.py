@@ -80,9 +80,15 @@ class ConstantOCR(Expert):
         self.model = object()
 
     def _predict(self, images):
-        return [self.make_result(img, text_lines=[TextLine.from_polygon("OPEN", 0.9, [[1, 1], [20, 1], [20, 8], [1, 8]],
-                                                                        img.shape[2], img.shape[1])])
-                for img in images]
+        return [
+            self.make_result(
+                img,
+                text_lines=[
+                    TextLine.from_polygon("OPEN", 0.9, [[1, 1], [20, 1], [20, 8], [1, 8]], img.shape[2], img.shape[1])
+                ],
+            )
+            for img in images
+        ]
 
 
 class BrokenOCR(ConstantOCR):
@@ -102,10 +108,19 @@ class TwoObjectSceneGraph(Expert):
     def _predict(self, images):
         out = []
         for img in images:
-            objs = [Segment(id=1, label="person", category_id=0, isthing=True, box=Box.from_xyxy([0, 0, 10, 10]), area=100),
-                    Segment(id=2, label="dog", category_id=16, isthing=True, box=Box.from_xyxy([20, 20, 40, 40]), area=400)]
-            rel = Relation(subject_index=0, object_index=1, subject_label="person", object_label="dog",
-                           predicate="holding", predicate_index=21, score=0.9)
+            objs = [
+                Segment(id=1, label="person", category_id=0, isthing=True, box=Box.from_xyxy([0, 0, 10, 10]), area=100),
+                Segment(id=2, label="dog", category_id=16, isthing=True, box=Box.from_xyxy([20, 20, 40, 40]), area=400),
+            ]
+            rel = Relation(
+                subject_index=0,
+                object_index=1,
+                subject_label="person",
+                object_label="dog",
+                predicate="holding",
+                predicate_index=21,
+                score=0.9,
+            )
             out.append(self.make_result(img, scene_graph_objects=objs, relations=[rel]))
         return out
 
@@ -244,8 +259,9 @@ def test_expert_output_checks():
         name = "test-foreign"
 
         def _predict(self, images):
-            return [self.make_result(img, detections=[Detection(label="x", score=1.0, box=Box.zero())])
-                    for img in images]
+            return [
+                self.make_result(img, detections=[Detection(label="x", score=1.0, box=Box.zero())]) for img in images
+            ]
 
     frame = torch.zeros(3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ExpertError, match="test-wrong-count.*one PerceptionResult per image"):
@@ -260,8 +276,20 @@ def test_make_result_validates():
     exp = ConstantOCR()
     frame = torch.zeros(3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ExpertError, match="scene_graph_objects"):
-        exp.make_result(frame, relations=[Relation(subject_index=0, object_index=0, subject_label="a",
-                                                   object_label="a", predicate="on", predicate_index=3, score=1)])
+        exp.make_result(
+            frame,
+            relations=[
+                Relation(
+                    subject_index=0,
+                    object_index=0,
+                    subject_label="a",
+                    object_label="a",
+                    predicate="on",
+                    predicate_index=3,
+                    score=1,
+                )
+            ],
+        )
 
 
 # --- the runner ---------------------------------------------------------------------------------------------
@@ -269,8 +297,11 @@ def test_make_result_validates():
 
 def test_user_expert_through_runner():
     perception = Perception(["test-bright-box", WholeImageSegmenter(), "test-const-ocr"])
-    assert perception.tasks == {"segmentation": "test-whole-seg", "detection": "test-bright-box",
-                                "ocr": "test-const-ocr"}
+    assert perception.tasks == {
+        "segmentation": "test-whole-seg",
+        "detection": "test-bright-box",
+        "ocr": "test-const-ocr",
+    }
     pil = Image.fromarray(_image(480, 640, (64, 48, 320, 240)))
     (res,) = perception(pil)
     assert (res.image_width, res.image_height) == (640, 480)
@@ -284,8 +315,10 @@ def test_user_expert_through_runner():
     assert SCENE_GRAPH_MISSING_WARNING in res.warnings
     assert res.warnings[0].startswith("scene graph expert not configured: ")
     parts = verbalize_parts(res)
-    assert parts.segmentation == \
-        "The image includes bounding box coordinates and their objects: [0.00, 0.00, 1.00, 1.00] wall."
+    assert (
+        parts.segmentation
+        == "The image includes bounding box coordinates and their objects: [0.00, 0.00, 1.00, 1.00] wall."
+    )
     assert parts.detection.startswith("The image includes bounding box coordinates and their objects: [0.1")
     assert parts.detection.endswith("] lamp.")
     assert parts.scene_graph == ""
@@ -304,8 +337,10 @@ def test_runner_batch_of_mixed_inputs(tmp_path):
     assert results[1].relations[0].predicate == "holding"
     # two objects but one relation row: the official helper yields nothing, the corrected one the relation
     assert verbalize_parts(results[1]).scene_graph == ""
-    assert verbalize_parts(results[1], corrected=True).scene_graph == \
-        "The image includes relationships between objects: person is holding dog."
+    assert (
+        verbalize_parts(results[1], corrected=True).scene_graph
+        == "The image includes relationships between objects: person is holding dog."
+    )
 
 
 def test_runner_validation():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import TINY, official_inputs
-
 from moai_sdk import GenerationError
 from moai_sdk.modeling import GenerationSettings
 
@@ -26,9 +25,8 @@ def greedy(tiny_model, inputs, cases):
 @pytest.fixture(scope="module")
 def processor_batch(cases_meta):
     """Cases a and b as one left-padded batch (prompt and verbalization padded)."""
-    from test_modeling_batch import process
-
     from moai_sdk import MoAIProcessor
+    from test_modeling_batch import process
 
     batch = process(MoAIProcessor.from_pretrained(TINY), [cases_meta[n] for n in ("a_demo_full", "b_eval_template")])
     assert batch.attention_mask.min() == 0
@@ -52,12 +50,16 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model, inputs):
 
 
 def test_top_k_one_sampling_is_greedy(tiny_model, inputs, greedy):
-    out = tiny_model.generate(**inputs, max_new_tokens=12, do_sample=True, top_k=1, seed=3, eos_token_id=[], return_dict=True)
+    out = tiny_model.generate(
+        **inputs, max_new_tokens=12, do_sample=True, top_k=1, seed=3, eos_token_id=[], return_dict=True
+    )
     assert out.new_tokens[0] == greedy
 
 
 def test_tiny_top_p_sampling_is_greedy(tiny_model, inputs, greedy):
-    out = tiny_model.generate(**inputs, max_new_tokens=12, do_sample=True, top_p=1e-6, seed=3, eos_token_id=[], return_dict=True)
+    out = tiny_model.generate(
+        **inputs, max_new_tokens=12, do_sample=True, top_p=1e-6, seed=3, eos_token_id=[], return_dict=True
+    )
     assert out.new_tokens[0] == greedy
 
 
@@ -83,7 +85,9 @@ def test_stop_strings(tiny_model, inputs, greedy, tokenizer):
     text = tokenizer.decode(greedy[:3])
     stop = text[-2:]
     assert stop not in tokenizer.decode(greedy[:2])
-    out = tiny_model.generate(**inputs, max_new_tokens=12, eos_token_id=[], stop=[stop], decode=tokenizer.decode, return_dict=True)
+    out = tiny_model.generate(
+        **inputs, max_new_tokens=12, eos_token_id=[], stop=[stop], decode=tokenizer.decode, return_dict=True
+    )
     assert out.new_tokens[0] == greedy[:3]
     with pytest.raises(GenerationError, match="decode"):
         tiny_model.generate(**inputs, max_new_tokens=3, stop=["x"])
@@ -106,7 +110,9 @@ def test_generation_settings_validation_and_hf_config():
         GenerationSettings.from_any(num_beams=2, do_sample=True)
     from transformers import GenerationConfig
 
-    s = GenerationSettings.from_any(GenerationConfig(max_new_tokens=7, num_beams=3, repetition_penalty=1.2), temperature=0.5)
+    s = GenerationSettings.from_any(
+        GenerationConfig(max_new_tokens=7, num_beams=3, repetition_penalty=1.2), temperature=0.5
+    )
     assert (s.max_new_tokens, s.num_beams, s.repetition_penalty, s.temperature) == (7, 3, 1.2, 0.5)
 
 
@@ -125,14 +131,28 @@ def test_fixed_shape_steps_equal_growing_mask_steps(tiny_model, processor_batch,
     for a, b in zip(fixed.step_logits, plain.step_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     sample = dict(max_new_tokens=10, do_sample=True, temperature=1.3, seed=5, eos_token_id=[], return_dict=True)
-    assert tiny_model.generate(**processor_batch, cuda_graphs=True, **sample).new_tokens == \
-        tiny_model.generate(**processor_batch, **sample).new_tokens
+    assert (
+        tiny_model.generate(**processor_batch, cuda_graphs=True, **sample).new_tokens
+        == tiny_model.generate(**processor_batch, **sample).new_tokens
+    )
     # eos handling and beam search (which decodes without fixed shapes) keep working with the option on
     eos = plain.new_tokens[0][3]
-    stopped = tiny_model.generate(**processor_batch, max_new_tokens=10, eos_token_id=eos, cuda_graphs=True, return_dict=True)
-    assert stopped.new_tokens == tiny_model.generate(**processor_batch, max_new_tokens=10, eos_token_id=eos, return_dict=True).new_tokens
-    beams = tiny_model.generate(**processor_batch, max_new_tokens=4, num_beams=2, cuda_graphs=True, eos_token_id=[], return_dict=True)
-    assert beams.new_tokens == tiny_model.generate(**processor_batch, max_new_tokens=4, num_beams=2, eos_token_id=[], return_dict=True).new_tokens
+    stopped = tiny_model.generate(
+        **processor_batch, max_new_tokens=10, eos_token_id=eos, cuda_graphs=True, return_dict=True
+    )
+    assert (
+        stopped.new_tokens
+        == tiny_model.generate(**processor_batch, max_new_tokens=10, eos_token_id=eos, return_dict=True).new_tokens
+    )
+    beams = tiny_model.generate(
+        **processor_batch, max_new_tokens=4, num_beams=2, cuda_graphs=True, eos_token_id=[], return_dict=True
+    )
+    assert (
+        beams.new_tokens
+        == tiny_model.generate(
+            **processor_batch, max_new_tokens=4, num_beams=2, eos_token_id=[], return_dict=True
+        ).new_tokens
+    )
 
 
 def test_fixed_shape_decoder_state(tiny_model, inputs):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import TINY, official_inputs, rel_err
-
 from moai_sdk import CheckpointError, ConfigError, MissingKeysError, UnsafeCheckpointError
 from moai_sdk.modeling import MoAIForCausalLM
 
@@ -185,7 +184,7 @@ def test_vision_tower_from_hub_when_checkpoint_has_none(tmp_path, monkeypatch, c
 
     state = load_file(str(TINY / "model.safetensors"))
     prefix = "vit.vision_tower.vision_model."
-    clip_state = {"vision_model." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    clip_state = {"vision_model." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     # store the CLIP tower the way a 336-px checkpoint would not: keep the 490-px table (already 1226 rows)
     no_vit = {k: v for k, v in state.items() if not k.startswith(prefix)}
     d = tmp_path / "novit"

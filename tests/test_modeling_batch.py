@@ -66,7 +66,9 @@ def test_processor_inputs_reproduce_official_logits(tiny_model, processor, cases
 def test_aux_embeds_from_processor_match_official(tiny_model, processor, cases, cases_meta):
     inputs = process(processor, [cases_meta["a_demo_full"]])
     with torch.no_grad():
-        aux, mask = tiny_model.build_aux_embeds(inputs.aux_input_ids, inputs.panoptic_pixel_values, inputs.aux_attention_mask)
+        aux, mask = tiny_model.build_aux_embeds(
+            inputs.aux_input_ids, inputs.panoptic_pixel_values, inputs.aux_attention_mask
+        )
     assert bool(mask.all())
     assert rel_err(aux, cases["a_demo_full.aux_embeds"]) < TOL
 
@@ -86,7 +88,9 @@ def test_left_padded_batch_equals_single_runs(tiny_model, processor, cases_meta)
         assert rel_err(out_b.compressed_aux[i], single.compressed_aux[0]) < TOL
     gen_b = tiny_model.generate(**batch, max_new_tokens=8, eos_token_id=[], return_dict=True, output_logits=True)
     for i, m in enumerate(metas):
-        gen_s = tiny_model.generate(**process(processor, [m]), max_new_tokens=8, eos_token_id=[], return_dict=True, output_logits=True)
+        gen_s = tiny_model.generate(
+            **process(processor, [m]), max_new_tokens=8, eos_token_id=[], return_dict=True, output_logits=True
+        )
         assert gen_b.new_tokens[i] == gen_s.new_tokens[0]
         for step_b, step_s in zip(gen_b.step_logits, gen_s.step_logits):
             assert rel_err(step_b[i], step_s[0]) < TOL
@@ -101,7 +105,10 @@ def _stable_raws(cases_meta: dict) -> list[dict]:
 
 def _inputs(processor, raws: list[dict]):
     return processor(
-        [r["image"] for r in raws], [r["prompt"] for r in raws], [r["aux"] for r in raws], [r["map"] for r in raws],
+        [r["image"] for r in raws],
+        [r["prompt"] for r in raws],
+        [r["aux"] for r in raws],
+        [r["map"] for r in raws],
         template=[r["template"] for r in raws],
     )
 

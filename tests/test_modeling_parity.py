@@ -59,7 +59,11 @@ def test_vision_features_before_projector(tiny_model, cases, cases_meta):
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_greedy_tokens_and_step_logits(tiny_model, cases, cases_meta, name):
     out = tiny_model.generate(
-        **official_inputs(name, cases, cases_meta), max_new_tokens=12, eos_token_id=[], return_dict=True, output_logits=True
+        **official_inputs(name, cases, cases_meta),
+        max_new_tokens=12,
+        eos_token_id=[],
+        return_dict=True,
+        output_logits=True,
     )
     assert out.new_tokens == cases[f"{name}.new_tokens"].tolist()
     assert out.sequences.shape == (1, cases[f"{name}.input_ids"].shape[1] + 12)
@@ -70,7 +74,9 @@ def test_greedy_tokens_and_step_logits(tiny_model, cases, cases_meta, name):
 
 def test_beam_search_matches_official(tiny_model, cases, cases_meta):
     name = "b_eval_template"
-    out = tiny_model.generate(**official_inputs(name, cases, cases_meta), max_new_tokens=5, num_beams=3, return_dict=True)
+    out = tiny_model.generate(
+        **official_inputs(name, cases, cases_meta), max_new_tokens=5, num_beams=3, return_dict=True
+    )
     assert out.new_tokens == cases[f"{name}.beam3_new_tokens"].tolist()
 
 

@@ -84,7 +84,10 @@ def test_single_call_returns_a_complete_result(pipe, first):
     assert r.prompt == "What is written in the image?"
     assert isinstance(r.perception, PerceptionResult)
     assert r.perception.sources == {
-        "segmentation": "mask2former", "detection": "owlv2", "scene_graph": "psgtr", "ocr": "rapidocr"
+        "segmentation": "mask2former",
+        "detection": "owlv2",
+        "scene_graph": "psgtr",
+        "ocr": "rapidocr",
     }
     assert not any("scene graph" in w for w in r.perception.warnings)
     assert (r.perception.image_width, r.perception.image_height) == (640, 480)

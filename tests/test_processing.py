@@ -330,8 +330,14 @@ def test_float16_normalisation_option(ref: dict) -> None:
 def test_inputs_mapping_and_to(outputs: dict) -> None:
     out = outputs["b_eval_template"]
     assert set(out.keys()) == {
-        "input_ids", "attention_mask", "pixel_values", "im_mask", "lang_mask",
-        "aux_input_ids", "aux_attention_mask", "panoptic_pixel_values",
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "im_mask",
+        "lang_mask",
+        "aux_input_ids",
+        "aux_attention_mask",
+        "panoptic_pixel_values",
     }
     as_kwargs = dict(**out)
     assert as_kwargs["input_ids"] is out.input_ids and out["im_mask"] is out.im_mask

@@ -276,7 +276,9 @@ def test_official_hash_is_enforced(tmp_path, full_pickle, offline):
 
 
 def test_missing_from_offline_cache_names_the_fix(tmp_path, offline):
-    with pytest.raises(CheckpointError, match="hf download ECCV2022/PSG OpenPSG/checkpoints/epoch_60.pth --repo-type space"):
+    with pytest.raises(
+        CheckpointError, match="hf download ECCV2022/PSG OpenPSG/checkpoints/epoch_60.pth --repo-type space"
+    ):
         resolve_weights(None, cache_dir=tmp_path / "empty")
     with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
         resolve_weights(None, cache_dir=tmp_path / "empty", local_files_only=True)

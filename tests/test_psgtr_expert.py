@@ -146,8 +146,15 @@ def test_cuda_matches_cpu(weights_file, frames):
     for name in ("sub_logits", "obj_logits", "rel_logits", "sub_boxes", "sub_mask_logits", "obj_mask_logits"):
         torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=1e-3, rtol=1e-3)
     # post-processing gives the same arrays on either device for the same network outputs
-    heads = [cpu.sub_logits[-1, 0], cpu.obj_logits[-1, 0], cpu.rel_logits[-1, 0], cpu.sub_boxes[-1, 0],
-             cpu.obj_boxes[-1, 0], cpu.sub_mask_logits[0], cpu.obj_mask_logits[0]]
+    heads = [
+        cpu.sub_logits[-1, 0],
+        cpu.obj_logits[-1, 0],
+        cpu.rel_logits[-1, 0],
+        cpu.sub_boxes[-1, 0],
+        cpu.obj_boxes[-1, 0],
+        cpu.sub_mask_logits[0],
+        cpu.obj_mask_logits[0],
+    ]
     on_cpu = postprocess(*heads, prepared.img_shape, prepared.scale_factor, config)
     on_gpu = postprocess(*[h.cuda() for h in heads], prepared.img_shape, prepared.scale_factor, config)
     for key in ("pan_results", "labels", "rel_pair_idxes", "rel_dists", "rel_labels", "masks"):
@@ -171,7 +178,10 @@ def test_tiny_psgtr_runs_through_the_expert(tmp_path):
 
     weights = build_tiny_psgtr(tmp_path / "psgtr.safetensors", seed=0)
     expert = create_expert("psgtr", model_id=str(weights), device="cpu", **tiny_psgtr_settings())
-    frames = [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    frames = [
+        torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
     results = expert.predict(frames)
     assert [r.sources for r in results] == [{"scene_graph": "psgtr"}] * 2
     for r in results:

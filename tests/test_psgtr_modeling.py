@@ -125,8 +125,13 @@ def test_backbone_features_match(network_run):
 
 def test_decoder_heads_match_every_layer(network_run):
     name, case, _, out = network_run
-    pairs = {"sub_logits": "sub_cls", "obj_logits": "obj_cls", "rel_logits": "rel_cls",
-             "sub_boxes": "sub_box", "obj_boxes": "obj_box"}
+    pairs = {
+        "sub_logits": "sub_cls",
+        "obj_logits": "obj_cls",
+        "rel_logits": "rel_cls",
+        "sub_boxes": "sub_box",
+        "obj_boxes": "obj_box",
+    }
     for ours, theirs in pairs.items():
         got = getattr(out, ours)[:, 0].numpy()
         assert got.shape == case[theirs].shape
@@ -164,9 +169,16 @@ def test_end_to_end_matches_golden(network_run):
     such a case: the reference's winner and ours differ in their fp32 logits by less than the network tolerance."""
     name, case, prepared, out = network_run
     pred = postprocess(
-        out.sub_logits[-1, 0], out.obj_logits[-1, 0], out.rel_logits[-1, 0], out.sub_boxes[-1, 0],
-        out.obj_boxes[-1, 0], out.sub_mask_logits[0], out.obj_mask_logits[0], prepared.img_shape,
-        prepared.scale_factor, PSGTRConfig(),
+        out.sub_logits[-1, 0],
+        out.obj_logits[-1, 0],
+        out.rel_logits[-1, 0],
+        out.sub_boxes[-1, 0],
+        out.obj_boxes[-1, 0],
+        out.sub_mask_logits[0],
+        out.obj_mask_logits[0],
+        prepared.img_shape,
+        prepared.scale_factor,
+        PSGTRConfig(),
     )
     np.testing.assert_array_equal(pred.labels, case["labels"])
     np.testing.assert_array_equal(pred.rel_pair_idxes, case["rel_pair_idxes"])
@@ -174,9 +186,7 @@ def test_end_to_end_matches_golden(network_run):
     np.testing.assert_array_equal(np.unique(pred.pan_results), np.unique(case["pan_results"]))
     assert pred.pan_results.shape == case["pan_results"].shape
 
-    ours_q = _object_segment_queries(
-        pred.rel_pair_idxes, pred.rel_dists, out.rel_logits[-1, 0].softmax(-1).numpy()
-    )
+    ours_q = _object_segment_queries(pred.rel_pair_idxes, pred.rel_dists, out.rel_logits[-1, 0].softmax(-1).numpy())
     gold_q = _object_segment_queries(
         case["rel_pair_idxes"], case["rel_dists"], torch.from_numpy(case["rel_cls"][-1]).softmax(-1).numpy()
     )

@@ -195,8 +195,9 @@ def test_typed_fields_follow_the_raw_arrays(post_case):
         assert rel.score == float(dist[1:].max())
         np.testing.assert_array_equal(np.array(rel.distribution, dtype=np.float32), dist)
     h, w = case["pan_results"].shape
-    PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h,
-                     scene_graph_objects=objects, relations=relations)
+    PerceptionResult(
+        image_width=w, image_height=h, frame_width=w, frame_height=h, scene_graph_objects=objects, relations=relations
+    )
 
 
 def official_sgg_prompt(labels: np.ndarray, rel_dists: np.ndarray, pairs: np.ndarray, num_rel: int = 10) -> str:
@@ -221,9 +222,7 @@ def official_sgg_prompt(labels: np.ndarray, rel_dists: np.ndarray, pairs: np.nda
     chosen = top[np.where(values >= 0.8)]
     if len(chosen) == 0:
         return ""
-    items = [
-        f"{numbered[pairs[i][0]]} is {predicates[int(dists[i].argmax())]} {numbered[pairs[i][1]]}" for i in chosen
-    ]
+    items = [f"{numbered[pairs[i][0]]} is {predicates[int(dists[i].argmax())]} {numbered[pairs[i][1]]}" for i in chosen]
     return "The image includes relationships between objects: " + ", and ".join(items) + "."
 
 
@@ -231,8 +230,9 @@ def test_verbalization_equals_official_prompt(post_case):
     name, case, pred = post_case
     objects, relations = prediction_to_fields(pred)
     h, w = case["pan_results"].shape
-    result = PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h,
-                              scene_graph_objects=objects, relations=relations)
+    result = PerceptionResult(
+        image_width=w, image_height=h, frame_width=w, frame_height=h, scene_graph_objects=objects, relations=relations
+    )
     expected = official_sgg_prompt(case["labels"], case["rel_dists"], case["rel_pair_idxes"])
     assert verbalize_scene_graph(result) == expected
 
@@ -257,6 +257,9 @@ def test_verbalization_empty_cases():
     empty = run_post(case, PSGTRConfig(relation_score_threshold=1.0))
     assert official_sgg_prompt(empty.labels, empty.rel_dists, empty.rel_pair_idxes) == ""
     objects, relations = prediction_to_fields(empty)
-    assert verbalize_scene_graph(
-        PerceptionResult(image_width=490, image_height=490, scene_graph_objects=objects, relations=relations)
-    ) == ""
+    assert (
+        verbalize_scene_graph(
+            PerceptionResult(image_width=490, image_height=490, scene_graph_objects=objects, relations=relations)
+        )
+        == ""
+    )

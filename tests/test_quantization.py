@@ -9,13 +9,16 @@ from conftest import TINY, official_inputs, rel_err
 
 pytest.importorskip("bitsandbytes")
 
-from moai_sdk.modeling import MoAIForCausalLM  # noqa: E402
-from moai_sdk.modeling.quantization import quantized_module_names  # noqa: E402
+from moai_sdk.modeling import MoAIForCausalLM
+from moai_sdk.modeling.quantization import quantized_module_names
 
 
 @pytest.fixture(scope="module")
 def quantized_models():
-    return {mode: MoAIForCausalLM.from_pretrained(TINY, device="cpu", quantization=mode) for mode in ("nf4", "nf4-lora", "int8", "official")}
+    return {
+        mode: MoAIForCausalLM.from_pretrained(TINY, device="cpu", quantization=mode)
+        for mode in ("nf4", "nf4-lora", "int8", "official")
+    }
 
 
 def test_nf4_quantizes_exactly_the_main_llm_weights(quantized_models):

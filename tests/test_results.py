@@ -39,8 +39,10 @@ def _ids_and_segments() -> tuple[np.ndarray, list[Segment]]:
     ids[100:300, 200:250] = 2
     ids[400:490, :] = 3
     labels = [("person", 0, True), ("car", 2, True), ("sky-other-merged", 119, False)]
-    segs = [Segment.from_mask(ids == k, id=k, label=lab, category_id=cat, isthing=thing, score=0.9 - k / 10)
-            for k, (lab, cat, thing) in enumerate(labels, start=1)]
+    segs = [
+        Segment.from_mask(ids == k, id=k, label=lab, category_id=cat, isthing=thing, score=0.9 - k / 10)
+        for k, (lab, cat, thing) in enumerate(labels, start=1)
+    ]
     return ids, segs
 
 
@@ -50,16 +52,33 @@ def full_result() -> PerceptionResult:
     dist = [0.0] * 57
     dist[4] = np.float32(0.8125).item()
     return PerceptionResult(
-        image_width=640, image_height=480, segments=segs, panoptic_ids=ids,
+        image_width=640,
+        image_height=480,
+        segments=segs,
+        panoptic_ids=ids,
         detections=[
-            Detection(label="person", label_index=11, score=np.float32(0.93).item(),
-                      box=Box.from_xyxy([40.5, 60.25, 150.0, 300.75])),
+            Detection(
+                label="person",
+                label_index=11,
+                score=np.float32(0.93).item(),
+                box=Box.from_xyxy([40.5, 60.25, 150.0, 300.75]),
+            ),
             Detection(label="tench", label_index=847, score=0.1 + 0.2, box=Box.from_xyxy([-3.0, -0.5, 500.0, 491.0])),
         ],
         scene_graph_objects=objects,
-        relations=[Relation(subject_index=0, object_index=1, subject_label="person", object_label="car",
-                            predicate="on", predicate_index=3, score=dist[4], distribution=dist)],
-        text_lines=[TextLine.from_polygon("Café ☕ \"quoted\"", 0.87, [[1, 2], [30, 2], [30, 9.5], [1, 9.5]])],
+        relations=[
+            Relation(
+                subject_index=0,
+                object_index=1,
+                subject_label="person",
+                object_label="car",
+                predicate="on",
+                predicate_index=3,
+                score=dist[4],
+                distribution=dist,
+            )
+        ],
+        text_lines=[TextLine.from_polygon('Café ☕ "quoted"', 0.87, [[1, 2], [30, 2], [30, 9.5], [1, 9.5]])],
         sources={"segmentation": "seg", "detection": "det", "scene_graph": "sg", "ocr": "ocr"},
         timings={"seg": 0.25, "det": 1e-7},
         warnings=["something odd"],
@@ -172,7 +191,7 @@ def test_json_round_trip_is_exact_with_masks():
     assert back.detections[1].score == 0.1 + 0.2
     assert back.detections[0].score == np.float32(0.93).item()
     assert back.timings["det"] == 1e-7
-    assert back.text_lines[0].text == "Café ☕ \"quoted\""
+    assert back.text_lines[0].text == 'Café ☕ "quoted"'
     assert back.relations[0].distribution == r.relations[0].distribution
 
 
@@ -210,8 +229,18 @@ def test_json_schema_is_exported():
     schema = PerceptionResult.json_schema()
     json.dumps(schema)
     props = schema["properties"]
-    for key in ("segments", "detections", "scene_graph_objects", "relations", "text_lines", "sources",
-                "timings", "warnings", "panoptic_ids", "frame_width"):
+    for key in (
+        "segments",
+        "detections",
+        "scene_graph_objects",
+        "relations",
+        "text_lines",
+        "sources",
+        "timings",
+        "warnings",
+        "panoptic_ids",
+        "frame_width",
+    ):
         assert key in props
     assert "Segment" in schema["$defs"] and "Box" in schema["$defs"]
     assert "size" in json.dumps(schema["$defs"]["Segment"])  # the RLE form of masks
@@ -228,12 +257,28 @@ def test_validation_of_consistency():
         PerceptionResult(image_width=5, image_height=5, sources={"depth": "x"})
     seg = Segment(id=1, label="a", category_id=0, box=Box.zero(), area=0)
     with pytest.raises(ValidationError, match="scene_graph_objects"):
-        PerceptionResult(image_width=5, image_height=5, scene_graph_objects=[seg], relations=[
-            Relation(subject_index=0, object_index=1, subject_label="a", object_label="b", predicate="on",
-                     predicate_index=3, score=0.9)])
+        PerceptionResult(
+            image_width=5,
+            image_height=5,
+            scene_graph_objects=[seg],
+            relations=[
+                Relation(
+                    subject_index=0,
+                    object_index=1,
+                    subject_label="a",
+                    object_label="b",
+                    predicate="on",
+                    predicate_index=3,
+                    score=0.9,
+                )
+            ],
+        )
     with pytest.raises(ValidationError, match="mask"):
-        PerceptionResult(image_width=5, image_height=5, segments=[
-            Segment.from_mask(np.ones((5, 5), bool), id=1, label="a", category_id=0)])
+        PerceptionResult(
+            image_width=5,
+            image_height=5,
+            segments=[Segment.from_mask(np.ones((5, 5), bool), id=1, label="a", category_id=0)],
+        )
     with pytest.raises(ValidationError):
         PerceptionResult(image_width=5, image_height=5, panoptic_ids=np.zeros((490, 490), np.float32))
 
@@ -312,10 +357,23 @@ def test_color_map_rebuilt_from_masks_and_large_ids(caplog):
 
 def test_merge_combines_tasks():
     r = full_result()
-    seg_part = PerceptionResult(image_width=640, image_height=480, segments=r.segments, panoptic_ids=r.panoptic_ids,
-                                sources={"segmentation": "seg"}, timings={"seg": 0.5}, warnings=["w1"])
-    det_part = PerceptionResult(image_width=640, image_height=480, detections=r.detections,
-                                sources={"detection": "det"}, timings={"seg": 0.25, "det": 1.0}, warnings=["w2"])
+    seg_part = PerceptionResult(
+        image_width=640,
+        image_height=480,
+        segments=r.segments,
+        panoptic_ids=r.panoptic_ids,
+        sources={"segmentation": "seg"},
+        timings={"seg": 0.5},
+        warnings=["w1"],
+    )
+    det_part = PerceptionResult(
+        image_width=640,
+        image_height=480,
+        detections=r.detections,
+        sources={"detection": "det"},
+        timings={"seg": 0.25, "det": 1.0},
+        warnings=["w2"],
+    )
     merged = seg_part.merge(det_part)
     assert merged.segments == r.segments and merged.detections == r.detections
     assert merged.sources == {"segmentation": "seg", "detection": "det"}
@@ -334,10 +392,19 @@ def test_merge_combines_tasks():
 
 
 def test_moai_result_round_trip_and_delegation(tmp_path):
-    res = MoAIResult(text="Two cars.", prompt="How many cars?", perception=full_result(), aux_text="   ",
-                     token_counts={"prompt": 30, "image": 1225, "aux": 5, "generated": 4},
-                     timings={"generate": 0.5}, model_id="BK-Lee/MoAI-7B", revision=None, seed=0,
-                     generation={"max_new_tokens": 8, "do_sample": False}, new_token_ids=[5, 6, 7, 2])
+    res = MoAIResult(
+        text="Two cars.",
+        prompt="How many cars?",
+        perception=full_result(),
+        aux_text="   ",
+        token_counts={"prompt": 30, "image": 1225, "aux": 5, "generated": 4},
+        timings={"generate": 0.5},
+        model_id="BK-Lee/MoAI-7B",
+        revision=None,
+        seed=0,
+        generation={"max_new_tokens": 8, "do_sample": False},
+        new_token_ids=[5, 6, 7, 2],
+    )
     assert str(res) == "Two cars."
     back = MoAIResult.from_json(res.to_json(include_masks=True))
     assert back == res

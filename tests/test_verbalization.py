@@ -47,9 +47,16 @@ def _segments_from_map(ids: np.ndarray, infos: list[dict]) -> list[Segment]:
         mask = ids == info["id"]
         box = info["mask_box_pixels_x0y0x1y1_exclusive"] or [0, 0, 0, 0]
         segs.append(
-            Segment(id=info["id"], label=info["class_raw"], category_id=info["label_id"],
-                    isthing=info["label_id"] < 80, score=info["score"],
-                    box=Box.from_xyxy(box, w, h), area=info["pixel_count"], mask=mask)
+            Segment(
+                id=info["id"],
+                label=info["class_raw"],
+                category_id=info["label_id"],
+                isthing=info["label_id"] < 80,
+                score=info["score"],
+                box=Box.from_xyxy(box, w, h),
+                area=info["pixel_count"],
+                mask=mask,
+            )
         )
         assert int(mask.sum()) == info["pixel_count"], "converter painted the map differently"
     return segs
@@ -64,24 +71,40 @@ def seg_input_to_result(inp: dict) -> PerceptionResult:
         for item in inp["painted_in_order"]:
             for x0, y0, x1, y1 in item["rects_x0y0x1y1_exclusive"]:
                 ids[y0:y1, x0:x1] = item["id"]
-    return PerceptionResult(image_width=w, image_height=h, segments=_segments_from_map(ids, inp["segments"]),
-                            panoptic_ids=ids)
+    return PerceptionResult(
+        image_width=w, image_height=h, segments=_segments_from_map(ids, inp["segments"]), panoptic_ids=ids
+    )
 
 
 def detections_from(items: list[dict]) -> list[Detection]:
-    return [Detection(label=d["label"], label_index=d["label_index"], score=d["score"],
-                      box=Box.from_xyxy(d["box_pixels_x0y0x1y1"])) for d in items]
+    return [
+        Detection(
+            label=d["label"],
+            label_index=d["label_index"],
+            score=d["score"],
+            box=Box.from_xyxy(d["box_pixels_x0y0x1y1"]),
+        )
+        for d in items
+    ]
 
 
 def scene_graph_from(inp: dict) -> tuple[list[Segment], list[Relation]]:
     names = inp["object_names_raw"]
-    objects = [Segment(id=i + 1, label=name, category_id=lab - 1, isthing=lab <= 80, box=Box.zero(), area=0)
-               for i, (lab, name) in enumerate(zip(inp["object_labels_1based"], names))]
+    objects = [
+        Segment(id=i + 1, label=name, category_id=lab - 1, isthing=lab <= 80, box=Box.zero(), area=0)
+        for i, (lab, name) in enumerate(zip(inp["object_labels_1based"], names))
+    ]
     relations = [
-        Relation(subject_index=r["subject_index"], object_index=r["object_index"],
-                 subject_label=names[r["subject_index"]], object_label=names[r["object_index"]],
-                 predicate=r["best_predicate"], predicate_index=r["best_predicate_index"], score=r["score"],
-                 distribution=r["rel_dists_57"])
+        Relation(
+            subject_index=r["subject_index"],
+            object_index=r["object_index"],
+            subject_label=names[r["subject_index"]],
+            object_label=names[r["object_index"]],
+            predicate=r["best_predicate"],
+            predicate_index=r["best_predicate_index"],
+            score=r["score"],
+            distribution=r["rel_dists_57"],
+        )
         for r in inp["relations"]
     ]
     return objects, relations
@@ -183,10 +206,13 @@ def case_to_result(case: dict) -> PerceptionResult:
     h, w = ids.shape
     objects, relations = scene_graph_from(p["scene_graph"])
     return PerceptionResult(
-        image_width=w, image_height=h,
-        segments=_segments_from_map(ids, p["segmentation"]["segments"]), panoptic_ids=ids,
+        image_width=w,
+        image_height=h,
+        segments=_segments_from_map(ids, p["segmentation"]["segments"]),
+        panoptic_ids=ids,
         detections=detections_from(p["detections"]),
-        scene_graph_objects=objects, relations=relations,
+        scene_graph_objects=objects,
+        relations=relations,
         text_lines=text_lines_from(p["ocr"]),
     )
 
@@ -219,23 +245,36 @@ def test_empty_case_is_three_spaces():
 
 
 def test_number_format_rounding_and_negative_zero():
-    assert format_box([-0.0010204081190750003, 0.004999999888241291, 1.0204081535339355, 0.9999999403953552]) == \
-        "[-0.00, 0.00, 1.02, 1.00]"
+    assert (
+        format_box([-0.0010204081190750003, 0.004999999888241291, 1.0204081535339355, 0.9999999403953552])
+        == "[-0.00, 0.00, 1.02, 1.00]"
+    )
     # Python's round() on the double of the float32 value: 0.125 -> 0.12 (half to even on the exact value)
     assert format_box([0.125, 0.135, 0.0, -0.006]) == "[0.12, 0.14, 0.00, -0.01]"
 
 
 def test_detection_threshold_is_on_float32():
     # 0.49999999 rounds to 0.5 in float32, so the official (float32) comparison keeps it
-    res = _blank(detections=[Detection(label="a", score=0.49999999, box=Box.from_xyxy([0, 0, 49, 49])),
-                             Detection(label="b", score=0.4999999, box=Box.from_xyxy([0, 0, 49, 49]))])
-    assert verbalize_detection(res) == \
-        "The image includes bounding box coordinates and their objects: [0.00, 0.00, 0.10, 0.10] a."
+    res = _blank(
+        detections=[
+            Detection(label="a", score=0.49999999, box=Box.from_xyxy([0, 0, 49, 49])),
+            Detection(label="b", score=0.4999999, box=Box.from_xyxy([0, 0, 49, 49])),
+        ]
+    )
+    assert (
+        verbalize_detection(res)
+        == "The image includes bounding box coordinates and their objects: [0.00, 0.00, 0.10, 0.10] a."
+    )
 
 
 def test_number_duplicates_rule():
-    assert number_duplicates(["car", "person", "car", "sky", "car"]) == \
-        ["car (#1)", "person", "car (#2)", "sky", "car (#3)"]
+    assert number_duplicates(["car", "person", "car", "sky", "car"]) == [
+        "car (#1)",
+        "person",
+        "car (#2)",
+        "sky",
+        "car (#3)",
+    ]
     assert number_duplicates([]) == []
 
 
@@ -269,7 +308,7 @@ def test_argpartition_is_a_partition():
             idx = argpartition_numpy126(a, kth)
             assert sorted(idx.tolist()) == list(range(n))
             assert a[idx[kth]] == np.sort(a)[kth]
-            assert (a[idx[:kth]] <= a[idx[kth]]).all() and (a[idx[kth + 1:]] >= a[idx[kth]]).all()
+            assert (a[idx[:kth]] <= a[idx[kth]]).all() and (a[idx[kth + 1 :]] >= a[idx[kth]]).all()
     with pytest.raises(InputError):
         argpartition_numpy126([0.1, 0.2], -3)
 
@@ -323,12 +362,15 @@ def test_corrected_scene_graph_orders_by_score():
     objects, relations = scene_graph_from(case["input"])
     result = _blank(scene_graph_objects=objects, relations=relations)
     text = verbalize_scene_graph(result, corrected=True)
-    assert text.startswith("The image includes relationships between objects: stop sign is walking on person, "
-                           "and traffic light is going down fire hydrant, and truck is on back of boat")
+    assert text.startswith(
+        "The image includes relationships between objects: stop sign is walking on person, "
+        "and traffic light is going down fire hydrant, and truck is on back of boat"
+    )
     assert text.count(", and ") == 9  # still ten relations, the same set as the official one
     official = verbalize_scene_graph(result)
-    assert sorted(text.split(": ", 1)[1].rstrip(".").split(", and ")) == \
-        sorted(official.split(": ", 1)[1].rstrip(".").split(", and "))
+    assert sorted(text.split(": ", 1)[1].rstrip(".").split(", and ")) == sorted(
+        official.split(": ", 1)[1].rstrip(".").split(", and ")
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
-
 from moai_sdk.modeling import interpolate_position_table
 
 

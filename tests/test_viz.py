@@ -21,8 +21,10 @@ def _seg_result(**extra) -> PerceptionResult:
     ids = np.zeros((490, 490), dtype=np.int32)
     ids[300:480, 20:220] = 1  # Pascal colour 1 = (128, 0, 0)
     ids[300:480, 250:450] = 2  # colour 2 = (0, 128, 0)
-    segs = [Segment.from_mask(ids == 1, id=1, label="person", category_id=0),
-            Segment.from_mask(ids == 2, id=2, label="grass-merged", category_id=125)]
+    segs = [
+        Segment.from_mask(ids == 1, id=1, label="person", category_id=0),
+        Segment.from_mask(ids == 2, id=2, label="grass-merged", category_id=125),
+    ]
     return PerceptionResult(image_width=490, image_height=490, segments=segs, panoptic_ids=ids, **extra)
 
 
@@ -37,8 +39,10 @@ def test_detection_box_outline_is_drawn_where_the_detection_is():
     assert _px(img, 200, 220) == tuple(GREY)  # inside untouched
     assert _px(img, 50, 220) == tuple(GREY)  # outside untouched
     # a detector box reaching outside the frame, and an inverted one, still draw
-    odd = [Detection(label="sky", score=0.5, box=Box.from_xyxy([-3, -0.5, 500, 491])),
-           Detection(label="x", score=0.5, box=Box.from_xyxy([50, 60, 40, 30]))]
+    odd = [
+        Detection(label="sky", score=0.5, box=Box.from_xyxy([-3, -0.5, 500, 491])),
+        Detection(label="x", score=0.5, box=Box.from_xyxy([50, 60, 40, 30])),
+    ]
     plot_perception(PerceptionResult(image_width=490, image_height=490, detections=odd))
 
 
@@ -82,10 +86,19 @@ def test_layers_can_be_switched_off():
 
 
 def test_relation_arrow_between_box_centres():
-    objs = [Segment(id=1, label="person", category_id=0, box=Box.from_xyxy([0, 0, 100, 100]), area=10000),
-            Segment(id=2, label="horse", category_id=17, box=Box.from_xyxy([300, 0, 400, 100]), area=10000)]
-    rel = Relation(subject_index=0, object_index=1, subject_label="person", object_label="horse",
-                   predicate="riding", predicate_index=40, score=0.95)
+    objs = [
+        Segment(id=1, label="person", category_id=0, box=Box.from_xyxy([0, 0, 100, 100]), area=10000),
+        Segment(id=2, label="horse", category_id=17, box=Box.from_xyxy([300, 0, 400, 100]), area=10000),
+    ]
+    rel = Relation(
+        subject_index=0,
+        object_index=1,
+        subject_label="person",
+        object_label="horse",
+        predicate="riding",
+        predicate_index=40,
+        score=0.95,
+    )
     r = PerceptionResult(image_width=490, image_height=490, scene_graph_objects=objs, relations=[rel])
     img = plot_perception(r, show=("relations",), font_size=10)
     arr = np.asarray(img)

@@ -108,7 +108,11 @@ def main() -> None:
         key_padding = masks.view(b, -1)
         memory = encoder(query=x, query_pos=pos_seq, key_padding_mask=key_padding)
         ref_hidden = decoder(
-            query=torch.zeros_like(query_pos), key=memory, value=memory, key_pos=pos_seq, query_pos=query_pos,
+            query=torch.zeros_like(query_pos),
+            key=memory,
+            value=memory,
+            key_pos=pos_seq,
+            query_pos=query_pos,
             key_padding_mask=key_padding,
         )
         ours_logits = head.sub_cls_embed(hidden)[:, 0].numpy()

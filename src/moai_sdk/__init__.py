@@ -100,7 +100,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .experts.ocr import PaddleOCRExpert, RapidOCRExpert
     from .experts.scene_graph import PSGTRConfig, PSGTRExpert
     from .experts.segmentation import Mask2FormerExpert, YoloSegExpert
-    from .viz import plot_perception
     from .modeling import GenerateOutput, GenerationSettings, MoAIConfig, MoAIForCausalLM
     from .pipeline import MoAIPipeline
     from .processing import MoAIInputs, MoAIProcessor
@@ -108,3 +107,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .results import Box, Detection, MoAIResult, PerceptionResult, Relation, Segment, TextLine
     from .tokenization import MoAITokenizer
     from .verbalization import VerbalizationParts, verbalize, verbalize_parts
+    from .viz import plot_perception

@@ -87,7 +87,7 @@ class ExpertCache:
         return self.max_size > 0
 
     @staticmethod
-    def make_key(expert: "Expert", digest: str) -> tuple[str, str]:
+    def make_key(expert: Expert, digest: str) -> tuple[str, str]:
         """The key of ``expert``'s output for the image whose :func:`image_digest` is ``digest``."""
         return (expert.cache_key(), digest)
 
@@ -140,7 +140,7 @@ class ExpertCache:
     # --- running an expert through the cache ----------------------------------------------------------------
 
     def predict(
-        self, expert: "Expert", frames: Sequence[torch.Tensor], digests: Optional[Sequence[str]] = None
+        self, expert: Expert, frames: Sequence[torch.Tensor], digests: Optional[Sequence[str]] = None
     ) -> list[PerceptionResult]:
         """``expert.predict(frames)``, answering the frames seen before from the cache.
 

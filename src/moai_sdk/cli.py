@@ -48,9 +48,26 @@ _BUNDLED_EXPERTS = frozenset({"rapidocr"})
 
 # Packages reported by ``moai info`` (distribution names).
 _PACKAGES = (
-    "moai-sdk", "torch", "torchvision", "transformers", "huggingface-hub", "safetensors", "tokenizers",
-    "sentencepiece", "pydantic", "numpy", "pillow", "bitsandbytes", "accelerate", "rapidocr-onnxruntime",
-    "onnxruntime", "opencv-python-headless", "opencv-python", "ultralytics", "paddleocr", "paddlepaddle",
+    "moai-sdk",
+    "torch",
+    "torchvision",
+    "transformers",
+    "huggingface-hub",
+    "safetensors",
+    "tokenizers",
+    "sentencepiece",
+    "pydantic",
+    "numpy",
+    "pillow",
+    "bitsandbytes",
+    "accelerate",
+    "rapidocr-onnxruntime",
+    "onnxruntime",
+    "opencv-python-headless",
+    "opencv-python",
+    "ultralytics",
+    "paddleocr",
+    "paddlepaddle",
     "fastapi",
 )
 
@@ -74,8 +91,12 @@ def _one_line(text: Any) -> str:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hub id or local checkpoint folder (default: BK-Lee/MoAI-7B)")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "nf4-lora", "int8", "official", "none"],
-                   help="weight quantization (needs CUDA; ignored on CPU). Default: nf4")
+    p.add_argument(
+        "--quantization",
+        default="nf4",
+        choices=["nf4", "nf4-lora", "int8", "official", "none"],
+        help="weight quantization (needs CUDA; ignored on CPU). Default: nf4",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
 
 
@@ -88,9 +109,10 @@ def _add_hub_options(p: argparse.ArgumentParser) -> None:
 
 def _add_experts_option(p: argparse.ArgumentParser, default: str = "default") -> None:
     p.add_argument(
-        "--experts", default=default,
+        "--experts",
+        default=default,
         help="'default' (mask2former, owlv2, psgtr, rapidocr), 'none', a comma list of names with optional "
-             "model ids (mask2former=/path,rapidocr) or a JSON object by task",
+        "model ids (mask2former=/path,rapidocr) or a JSON object by task",
     )
 
 
@@ -206,13 +228,18 @@ def _pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
     from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
 
     kwargs: dict[str, Any] = dict(
-        device=args.device, cache_dir=args.cache_dir, local_files_only=args.local_files_only, token=args.token,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+        token=args.token,
         experts=parse_experts(args.experts),
     )
     if with_model:
         kwargs.update(
-            revision=args.revision, dtype=args.dtype,
-            quantization=None if args.quantization == "none" else args.quantization, template=args.template,
+            revision=args.revision,
+            dtype=args.dtype,
+            quantization=None if args.quantization == "none" else args.quantization,
+            template=args.template,
         )
         model = args.model or DEFAULT_MODEL_ID
     else:
@@ -256,9 +283,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_image(args.image)
     pipe = _pipeline_from_args(args, with_model=True)
     options = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=True if args.do_sample else None,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True if args.do_sample else None,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
     )
     options = {k: v for k, v in options.items() if v is not None}
     if args.stream:
@@ -330,26 +363,44 @@ def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -
     from .pipeline import resolve_experts
 
     plan: list[dict[str, Any]] = [
-        {"component": "model", "repo_id": model, "revision": revision, "method": "snapshot",
-         "allow_patterns": list(MODEL_FILE_PATTERNS), "fallback_patterns": list(MODEL_BIN_PATTERNS)},
-        {"component": "vision_tower", "repo_id": DEFAULT_VISION_TOWER_ID, "revision": None, "method": "file",
-         "filenames": ["model.safetensors", "pytorch_model.bin"], "when": "the checkpoint has no vision weights"},
+        {
+            "component": "model",
+            "repo_id": model,
+            "revision": revision,
+            "method": "snapshot",
+            "allow_patterns": list(MODEL_FILE_PATTERNS),
+            "fallback_patterns": list(MODEL_BIN_PATTERNS),
+        },
+        {
+            "component": "vision_tower",
+            "repo_id": DEFAULT_VISION_TOWER_ID,
+            "revision": None,
+            "method": "file",
+            "filenames": ["model.safetensors", "pytorch_model.bin"],
+            "when": "the checkpoint has no vision weights",
+        },
     ]
     for task, exp in resolve_experts(experts, device="cpu").items():
-        entry: dict[str, Any] = {"component": f"expert.{exp.name}", "task": task, "repo_id": exp.model_id,
-                                 "revision": exp.revision}
+        entry: dict[str, Any] = {
+            "component": f"expert.{exp.name}",
+            "task": task,
+            "repo_id": exp.model_id,
+            "revision": exp.revision,
+        }
         mid = exp.model_id
         if exp.name in _BUNDLED_EXPERTS and mid is None:
             entry["method"] = "bundled"
         elif mid is not None and Path(str(mid)).expanduser().exists():
             entry["method"] = "local"
         elif exp.name in _TRANSFORMERS_EXPERTS and isinstance(mid, str) and mid.count("/") == 1:
-            entry.update(method="snapshot", allow_patterns=list(EXPERT_FILE_PATTERNS),
-                         fallback_patterns=list(EXPERT_BIN_PATTERNS))
+            entry.update(
+                method="snapshot",
+                allow_patterns=list(EXPERT_FILE_PATTERNS),
+                fallback_patterns=list(EXPERT_BIN_PATTERNS),
+            )
         elif isinstance(mid, str) and mid.count("/") == 1 and exp.settings.get("filename"):
             # one weight file of a Hub repository (PSGTR: a file of the official Space)
-            entry.update(method="file", filenames=[exp.settings["filename"]],
-                         repo_type=exp.settings.get("repo_type"))
+            entry.update(method="file", filenames=[exp.settings["filename"]], repo_type=exp.settings.get("repo_type"))
         else:
             entry["method"] = "load"  # the backend fetches its own files when the expert loads
         plan.append(entry)
@@ -359,12 +410,18 @@ def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -
 def _snapshot(entry: dict[str, Any], hub: dict[str, Any]) -> Path:
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(entry["repo_id"], revision=entry.get("revision"),
-                                    allow_patterns=entry["allow_patterns"], **hub))
+    folder = Path(
+        snapshot_download(
+            entry["repo_id"], revision=entry.get("revision"), allow_patterns=entry["allow_patterns"], **hub
+        )
+    )
     if not _has_safetensors(folder) and entry.get("fallback_patterns"):
         logger.info("%s has no safetensors weights; fetching the .bin files", entry["repo_id"])
-        folder = Path(snapshot_download(entry["repo_id"], revision=entry.get("revision"),
-                                        allow_patterns=entry["fallback_patterns"], **hub))
+        folder = Path(
+            snapshot_download(
+                entry["repo_id"], revision=entry.get("revision"), allow_patterns=entry["fallback_patterns"], **hub
+            )
+        )
     return folder
 
 
@@ -438,8 +495,11 @@ def _fetch_first_file(entry: dict[str, Any], hub: dict[str, Any]) -> Path:
     last: Optional[Exception] = None
     for name in entry["filenames"]:
         try:
-            return Path(hf_hub_download(entry["repo_id"], name, revision=entry.get("revision"),
-                                        repo_type=entry.get("repo_type"), **hub))
+            return Path(
+                hf_hub_download(
+                    entry["repo_id"], name, revision=entry.get("revision"), repo_type=entry.get("repo_type"), **hub
+                )
+            )
         except EntryNotFoundError as exc:
             last = exc
     raise MoAIError(f"{entry['repo_id']} has none of {entry['filenames']}: {last}")
@@ -466,10 +526,13 @@ def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
     quant = {
         "bitsandbytes_installed": bnb_installed,
         "quantization_usable": bnb_installed and cuda["available"],
-        "note": None if (bnb_installed and cuda["available"]) else (
+        "note": None
+        if (bnb_installed and cuda["available"])
+        else (
             "bitsandbytes runs 4/8-bit on CPU too, but slowly: the pipeline loads unquantized without a CUDA GPU"
-            if bnb_installed else
-            "nf4/int8 quantization needs bitsandbytes: pip install 'moai-sdk[quant]'; the model loads unquantized"),
+            if bnb_installed
+            else "nf4/int8 quantization needs bitsandbytes: pip install 'moai-sdk[quant]'; the model loads unquantized"
+        ),
     }
     from .experts.base import available_experts
 
@@ -508,8 +571,10 @@ def _cache_report(cache_dir: Optional[str]) -> dict[str, Any]:
     except CacheNotFound:
         return {"path": path, "repos": [], "moai": {repo: False for repo in wanted}}
     repos = sorted(
-        ({"repo_id": r.repo_id, "type": r.repo_type, "size_bytes": r.size_on_disk, "used_by": wanted.get(r.repo_id)}
-         for r in info.repos),
+        (
+            {"repo_id": r.repo_id, "type": r.repo_type, "size_bytes": r.size_on_disk, "used_by": wanted.get(r.repo_id)}
+            for r in info.repos
+        ),
         key=lambda r: r["repo_id"],
     )
     present = {r["repo_id"] for r in repos}
@@ -528,9 +593,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines.append(f"cuda: {state} (torch built with CUDA {c['torch_cuda']})")
     lines += [f"  {i}: {name}" for i, name in enumerate(c.get("devices", []))]
     q = data["quantization"]
-    lines.append(f"bitsandbytes: {'installed' if q['bitsandbytes_installed'] else 'not installed'}; "
-                 f"quantization {'usable (CUDA)' if q['quantization_usable'] else 'off in the pipeline'}"
-                 + (f" ({q['note']})" if q.get("note") else ""))
+    lines.append(
+        f"bitsandbytes: {'installed' if q['bitsandbytes_installed'] else 'not installed'}; "
+        f"quantization {'usable (CUDA)' if q['quantization_usable'] else 'off in the pipeline'}"
+        + (f" ({q['note']})" if q.get("note") else "")
+    )
     lines.append("experts: " + "; ".join(f"{t}: {', '.join(n) or '-'}" for t, n in data["experts"].items()))
     cache = data["cache"]
     lines.append(f"hub cache: {cache['path']}{' [offline]' if data['hub_offline'] else ''}")
@@ -551,8 +618,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InputError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     with tempfile.TemporaryDirectory(prefix="moai-demo-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        _write("moai demo: a tiny randomly initialised MoAI built locally, with tiny random experts and the real "
-               "offline OCR; the answer text is random tokens, the pipeline around it is real.\n", sys.stderr)
+        _write(
+            "moai demo: a tiny randomly initialised MoAI built locally, with tiny random experts and the real "
+            "offline OCR; the answer text is random tokens, the pipeline around it is real.\n",
+            sys.stderr,
+        )
         pipe = tiny_pipeline(workdir)
         image = args.image if args.image is not None else demo_image("MOAI")
         result = pipe(image, args.prompt, max_new_tokens=args.max_new_tokens)
@@ -605,8 +675,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # anything else still ends in one line (the traceback with --debug)
         if args.debug:
             raise
-        _write(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)\n",
-               sys.stderr)
+        _write(
+            f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)\n",
+            sys.stderr,
+        )
         return 1
 
 

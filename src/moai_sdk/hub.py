@@ -65,7 +65,7 @@ class HubOptions:
         object.__setattr__(self, "local_files_only", bool(self.local_files_only))
 
     @classmethod
-    def from_any(cls, value: "HubOptions | Mapping[str, Any] | None" = None, **overrides: Any) -> "HubOptions":
+    def from_any(cls, value: HubOptions | Mapping[str, Any] | None = None, **overrides: Any) -> HubOptions:
         """A :class:`HubOptions` from ``None``, an instance or a dict, with keyword ``overrides`` that are not None."""
         if value is None:
             fields: dict[str, Any] = {}
@@ -78,10 +78,12 @@ class HubOptions:
         fields.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown hub option(s) {sorted(unknown)}; known: revision, cache_dir, token, local_files_only")
+            raise ConfigError(
+                f"unknown hub option(s) {sorted(unknown)}; known: revision, cache_dir, token, local_files_only"
+            )
         return cls(**fields)
 
-    def replace(self, **changes: Any) -> "HubOptions":
+    def replace(self, **changes: Any) -> HubOptions:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -92,8 +94,12 @@ class HubOptions:
     def kwargs(self) -> dict[str, Any]:
         """The four settings as keyword arguments of ``huggingface_hub`` / transformers ``from_pretrained``
         (``local_files_only`` already folds in ``HF_HUB_OFFLINE``)."""
-        return {"revision": self.revision, "cache_dir": self.cache_dir, "token": self.token,
-                "local_files_only": self.offline}
+        return {
+            "revision": self.revision,
+            "cache_dir": self.cache_dir,
+            "token": self.token,
+            "local_files_only": self.offline,
+        }
 
 
 def is_repo_id(value: str) -> bool:
@@ -159,7 +165,9 @@ def download(
             return None
         raise CheckpointError(f"{where} has no file {filename!r}") from exc
     except GatedRepoError as exc:
-        raise CheckpointError(f"{where} is gated: accept its terms on the Hub and pass token=... (or `hf auth login`)") from exc
+        raise CheckpointError(
+            f"{where} is gated: accept its terms on the Hub and pass token=... (or `hf auth login`)"
+        ) from exc
     except RevisionNotFoundError as exc:
         raise CheckpointError(f"revision {revision!r} does not exist in {repo_id!r}") from exc
     except RepositoryNotFoundError as exc:
@@ -194,9 +202,16 @@ def resolve_file(
     if local.exists():
         raise CheckpointError(f"{source!r} is a file; pass the folder that holds {filename!r} (or a Hub repo id)")
     if not is_repo_id(source):
-        raise CheckpointError(f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')")
+        raise CheckpointError(
+            f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')"
+        )
     return download(
-        source, filename, required=required, revision=revision, cache_dir=cache_dir, token=token,
+        source,
+        filename,
+        required=required,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
         local_files_only=local_files_only,
     )
 

@@ -88,9 +88,7 @@ def load_image_chw(image: ImageInput) -> torch.Tensor:
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise InputError(
-                f"numpy images must be HWC with 1, 3 or 4 channels; got shape {tuple(image.shape)}"
-            )
+            raise InputError(f"numpy images must be HWC with 1, 3 or 4 channels; got shape {tuple(image.shape)}")
         if arr.dtype != np.uint8:
             raise InputError(f"numpy images must be uint8 (0-255); got {arr.dtype}. Use (x * 255).astype(np.uint8)")
         if arr.shape[2] == 1:

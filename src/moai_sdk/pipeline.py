@@ -78,8 +78,17 @@ ANSWER_CUT = "[U"
 ExpertSpec = Union[str, "Expert", Mapping[str, Any], None]
 
 _GENERATION_OPTION_NAMES = (
-    "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams", "length_penalty",
-    "repetition_penalty", "eos_token_id", "stop", "seed",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "num_beams",
+    "length_penalty",
+    "repetition_penalty",
+    "eos_token_id",
+    "stop",
+    "seed",
 )
 
 
@@ -88,13 +97,13 @@ _GENERATION_OPTION_NAMES = (
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _create(name: str, options: Mapping[str, Any], common: Mapping[str, Any]) -> "Expert":
+def _create(name: str, options: Mapping[str, Any], common: Mapping[str, Any]) -> Expert:
     from .experts.base import create_expert
 
     return create_expert(name, **{**common, **options})
 
 
-def _expert_from_spec(spec: ExpertSpec, common: Mapping[str, Any], where: str) -> "Expert":
+def _expert_from_spec(spec: ExpertSpec, common: Mapping[str, Any], where: str) -> Expert:
     from .experts.base import Expert
 
     if isinstance(spec, Expert):
@@ -116,7 +125,7 @@ def _expert_from_spec(spec: ExpertSpec, common: Mapping[str, Any], where: str) -
     )
 
 
-def resolve_experts(spec: Any, **common: Any) -> dict[str, "Expert"]:
+def resolve_experts(spec: Any, **common: Any) -> dict[str, Expert]:
     """Build the task -> expert mapping of a pipeline from ``spec``.
 
     ``spec`` may be:
@@ -296,7 +305,9 @@ class MoAIPipeline:
             logger.warning(
                 "quantization=%r is for CUDA GPUs (bitsandbytes' CPU 4/8-bit kernels are slow); loading the model "
                 "unquantized on %s. To force it, load MoAIForCausalLM.from_pretrained(..., quantization=%r)",
-                quantization, self.device, quantization,
+                quantization,
+                self.device,
+                quantization,
             )
             quantization = None
         self.quantization = quantization
@@ -337,7 +348,7 @@ class MoAIPipeline:
         template: str = DEFAULT_TEMPLATE,
         load: bool = False,
         **options: Any,
-    ) -> "MoAIPipeline":
+    ) -> MoAIPipeline:
         """Configure a pipeline; nothing is downloaded or loaded until first use (or ``load=True``).
 
         Args:
@@ -357,8 +368,17 @@ class MoAIPipeline:
                 ``attn_implementation``, ``corrected_verbalization``, ``keep_image``.
         """
         pipe = cls(
-            model, device=device, dtype=dtype, quantization=quantization, experts=experts, revision=revision,
-            cache_dir=cache_dir, local_files_only=local_files_only, token=token, template=template, **options,
+            model,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            experts=experts,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            template=template,
+            **options,
         )
         if load:
             pipe.load()
@@ -375,7 +395,7 @@ class MoAIPipeline:
         return common
 
     @property
-    def model(self) -> "MoAIForCausalLM":
+    def model(self) -> MoAIForCausalLM:
         """The MoAI model (loaded on first access)."""
         if self._model is None:
             with self._lock:
@@ -384,15 +404,21 @@ class MoAIPipeline:
 
                     t0 = time.perf_counter()
                     self._model = MoAIForCausalLM.from_pretrained(
-                        self.model_id, dtype=self.dtype, device=self.device, quantization=self.quantization,
-                        revision=self.revision, cache_dir=self.cache_dir, token=self.token,
-                        local_files_only=self.local_files_only, attn_implementation=self.attn_implementation,
+                        self.model_id,
+                        dtype=self.dtype,
+                        device=self.device,
+                        quantization=self.quantization,
+                        revision=self.revision,
+                        cache_dir=self.cache_dir,
+                        token=self.token,
+                        local_files_only=self.local_files_only,
+                        attn_implementation=self.attn_implementation,
                     )
                     logger.info("loaded %s in %.1fs", self.model_id, time.perf_counter() - t0)
         return self._model
 
     @property
-    def processor(self) -> "MoAIProcessor":
+    def processor(self) -> MoAIProcessor:
         """The processor (tokenizer + image settings of the checkpoint; loaded on first access)."""
         if self._processor is None:
             with self._lock:
@@ -400,13 +426,17 @@ class MoAIPipeline:
                     from .processing import MoAIProcessor
 
                     self._processor = MoAIProcessor.from_pretrained(
-                        self.model_id, revision=self.revision, cache_dir=self.cache_dir, token=self.token,
-                        local_files_only=self.local_files_only, normalize_dtype=self._compute_dtype(),
+                        self.model_id,
+                        revision=self.revision,
+                        cache_dir=self.cache_dir,
+                        token=self.token,
+                        local_files_only=self.local_files_only,
+                        normalize_dtype=self._compute_dtype(),
                     )
         return self._processor
 
     @property
-    def tokenizer(self) -> "MoAITokenizer":
+    def tokenizer(self) -> MoAITokenizer:
         return self.processor.tokenizer
 
     @property
@@ -429,7 +459,7 @@ class MoAIPipeline:
         out.update({f"expert.{e.name}": e.is_loaded for e in self.experts.values()})
         return out
 
-    def load(self) -> "MoAIPipeline":
+    def load(self) -> MoAIPipeline:
         """Load the model, the processor and every expert now; returns ``self``."""
         _ = self.model
         _ = self.processor
@@ -446,7 +476,7 @@ class MoAIPipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def to(self, device: str | torch.device) -> "MoAIPipeline":
+    def to(self, device: str | torch.device) -> MoAIPipeline:
         """Move the pipeline (the model if loaded, every expert) to ``device``; returns ``self``."""
         from .modeling.loading import resolve_device
 
@@ -487,7 +517,7 @@ class MoAIPipeline:
 
     # --- perception -------------------------------------------------------------------------------------------
 
-    def _select_experts(self, experts: Any) -> list["Expert"]:
+    def _select_experts(self, experts: Any) -> list[Expert]:
         """The configured experts a call asks for: ``None`` = all, else names or tasks of configured ones."""
         if experts is None:
             return list(self.experts.values())
@@ -521,7 +551,7 @@ class MoAIPipeline:
         return MOAI_IMAGE_SIZE if self._model is None else int(self._model.config.structure.image_size)
 
     def _run_experts(
-        self, frames: list[torch.Tensor], sizes: list[tuple[int, int]], experts: list["Expert"], timer: _Timer
+        self, frames: list[torch.Tensor], sizes: list[tuple[int, int]], experts: list[Expert], timer: _Timer
     ) -> list[PerceptionResult]:
         """Every chosen expert on every frame (through the shared cache), merged into one result per frame."""
         key = tuple(e.name for e in experts)
@@ -529,7 +559,9 @@ class MoAIPipeline:
         if runner is None:
             from .experts.base import Perception
 
-            runner = Perception(experts, on_expert_error=self.on_expert_error, keep_image=self.keep_image, cache=self.cache)
+            runner = Perception(
+                experts, on_expert_error=self.on_expert_error, keep_image=self.keep_image, cache=self.cache
+            )
             self._runners[key] = runner
         return runner.run_frames(frames, sizes, stage=timer.stage)
 
@@ -565,7 +597,7 @@ class MoAIPipeline:
 
     # --- answers ----------------------------------------------------------------------------------------------
 
-    def _settings(self, generation_config: Any, options: dict[str, Any]) -> "GenerationSettings":
+    def _settings(self, generation_config: Any, options: dict[str, Any]) -> GenerationSettings:
         from .modeling import GenerationSettings
 
         base = self.generation_config if generation_config is None else generation_config
@@ -612,7 +644,7 @@ class MoAIPipeline:
 
     def _prepare(
         self, images: Any, prompts: Any, *, template: Any, perception: Any, experts: Any, timer: _Timer
-    ) -> tuple[bool, list[str], list[Optional[PerceptionResult]], list[str], "MoAIInputs"]:
+    ) -> tuple[bool, list[str], list[Optional[PerceptionResult]], list[str], MoAIInputs]:
         batch = _is_batch(images) or _is_batch(prompts)
         image_list, prompt_list = _broadcast(split_images(images), split_images(prompts))
         for i, p in enumerate(prompt_list):
@@ -630,7 +662,10 @@ class MoAIPipeline:
         return batch, prompt_list, perceptions, aux_texts, inputs
 
     def _generate(
-        self, inputs: "MoAIInputs", settings: "GenerationSettings", timer: _Timer,
+        self,
+        inputs: MoAIInputs,
+        settings: GenerationSettings,
+        timer: _Timer,
         streamer: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> Any:
         model = self.model
@@ -644,18 +679,30 @@ class MoAIPipeline:
                 )
                 compressed = model.compress(aux_embeds, aux_mask).to(image_features.dtype)
         out = model.generate(
-            inputs.input_ids, attention_mask=inputs.attention_mask, im_mask=inputs.im_mask,
-            lang_mask=inputs.lang_mask, image_features=image_features, compressed_aux=compressed,
-            generation_config=settings, decode=self._decode_for_stops if settings.stop else None,
-            streamer=streamer, return_dict=True,
+            inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            im_mask=inputs.im_mask,
+            lang_mask=inputs.lang_mask,
+            image_features=image_features,
+            compressed_aux=compressed,
+            generation_config=settings,
+            decode=self._decode_for_stops if settings.stop else None,
+            streamer=streamer,
+            return_dict=True,
         )
         timer.timings["prefill"] = float(out.timings.get("prefill", 0.0))
         timer.timings["decode"] = float(out.timings.get("decode", 0.0))
         return out
 
     def _results(
-        self, out: Any, inputs: "MoAIInputs", prompts: list[str], perceptions: list[Optional[PerceptionResult]],
-        aux_texts: list[str], settings: "GenerationSettings", timings: dict[str, float],
+        self,
+        out: Any,
+        inputs: MoAIInputs,
+        prompts: list[str],
+        perceptions: list[Optional[PerceptionResult]],
+        aux_texts: list[str],
+        settings: GenerationSettings,
+        timings: dict[str, float],
     ) -> list[MoAIResult]:
         revision = self.revision
         if self._model is not None and self._model.load_info.get("revision"):
@@ -723,16 +770,31 @@ class MoAIPipeline:
         * ``experts``: a subset of the configured experts (names or tasks) for this call; ``[]`` for none.
         """
         options = dict(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id, stop=[stop] if isinstance(stop, str) else stop, seed=seed,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            stop=[stop] if isinstance(stop, str) else stop,
+            seed=seed,
         )
         results, batch = self._run(images, prompts, generation_config, options, template, perception, experts, None)
         return results if batch else results[0]
 
     def _run(
-        self, images: Any, prompts: Any, generation_config: Any, options: dict[str, Any], template: Any,
-        perception: Any, experts: Any, streamer: Optional[Callable[[torch.Tensor], None]],
+        self,
+        images: Any,
+        prompts: Any,
+        generation_config: Any,
+        options: dict[str, Any],
+        template: Any,
+        perception: Any,
+        experts: Any,
+        streamer: Optional[Callable[[torch.Tensor], None]],
     ) -> tuple[list[MoAIResult], bool]:
         settings = self._settings(generation_config, options)
         timer = _Timer(self.device)
@@ -782,8 +844,14 @@ class MoAIPipeline:
         def work() -> None:
             try:
                 results, _ = self._run(
-                    image, prompt, settings, {}, options.get("template"), options.get("perception"),
-                    options.get("experts"), on_token,
+                    image,
+                    prompt,
+                    settings,
+                    {},
+                    options.get("template"),
+                    options.get("perception"),
+                    options.get("experts"),
+                    on_token,
                 )
                 events.put(("done", results[0]))
             except _StreamCancelled:
@@ -802,13 +870,13 @@ class MoAIPipeline:
                     tokens.append(payload)
                     safe = self._stable_prefix(tokens, settings.stop)
                     if len(safe) > len(emitted) and safe.startswith(emitted):
-                        yield safe[len(emitted):]
+                        yield safe[len(emitted) :]
                         emitted = safe
                 elif kind == "done":
                     result: MoAIResult = payload
                     if result.text.startswith(emitted):
                         if len(result.text) > len(emitted):
-                            yield result.text[len(emitted):]
+                            yield result.text[len(emitted) :]
                     else:
                         logger.warning("streamed text diverged from the final answer; trust result.text")
                     yield result

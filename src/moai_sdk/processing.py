@@ -141,7 +141,7 @@ class MoAIInputs:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         non_blocking: bool = False,
-    ) -> "MoAIInputs":
+    ) -> MoAIInputs:
         """A copy on ``device``; ``dtype`` (if given) applies to the floating tensors only.
 
         Casting already-normalised float32 pixels to float16 is *not* the official fp16 numerics; build the
@@ -283,7 +283,7 @@ class MoAIProcessor:
         token: str | bool | None = None,
         local_files_only: bool = False,
         normalize_dtype: torch.dtype | str = torch.float32,
-    ) -> "MoAIProcessor":
+    ) -> MoAIProcessor:
         """Tokenizer + image settings of a model folder or Hub repo.
 
         Image settings come from ``config.json``'s ``moai_structure`` block (``image_size``, ``patch_size``,
@@ -413,15 +413,12 @@ class MoAIProcessor:
     def panoptic_pixel_values(self, panoptic_maps: Sequence[Any]) -> torch.Tensor:
         """Official map preprocessing: [0, 1] float64 maps -> float16 -> normalised with the 0-255 mean/std."""
         maps = [
-            torch.from_numpy(np.ascontiguousarray(self.panoptic_map_array(m))).permute(2, 0, 1)
-            for m in panoptic_maps
+            torch.from_numpy(np.ascontiguousarray(self.panoptic_map_array(m))).permute(2, 0, 1) for m in panoptic_maps
         ]
         stacked = torch.stack(maps).to(torch.float16)
         return normalize_pixels(stacked, self.image_mean, self.image_std, self.normalize_dtype)
 
-    def image_masks(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``im_mask`` / ``lang_mask`` for a left-padded batch (see :func:`merged_image_masks`)."""
         return merged_image_masks(input_ids, attention_mask, self.image_token_index, self.img_length)
 

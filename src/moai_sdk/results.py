@@ -24,7 +24,7 @@ import base64
 import json
 import logging
 import zlib
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Iterable, Optional, Sequence
@@ -62,7 +62,7 @@ DEFAULT_FRAME_SIZE = 490
 # ----------------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_vocab(name: str) -> tuple:
     """Return a packaged label list (``COCO_PANOPTIC_CLASSES``, ``ADE20K_847``, ``IMAGENET_CLASSES``,
     ``PREDICATES`` or ``PASCAL_LABEL_COLORMAP_134``) as a tuple, read once from ``moai_sdk/data``."""
@@ -336,8 +336,7 @@ class _Model(BaseModel):
 class _Document(_Model):
     """A top-level result: JSON out and back (masks and the frame image only when asked), and its schema."""
 
-    def to_json(self, include_masks: bool = False, *, include_image: bool = False,
-                indent: Optional[int] = None) -> str:
+    def to_json(self, include_masks: bool = False, *, include_image: bool = False, indent: Optional[int] = None) -> str:
         """Serialise to JSON. Masks (COCO RLE) and ``panoptic_ids`` only with ``include_masks=True``; the
         frame image only with ``include_image=True``. Floats round-trip exactly."""
         return self.model_dump_json(
@@ -380,16 +379,17 @@ class Box(_Model):
     @classmethod
     def from_xyxy(
         cls, xyxy: Iterable[float], frame_width: int = DEFAULT_FRAME_SIZE, frame_height: int = DEFAULT_FRAME_SIZE
-    ) -> "Box":
+    ) -> Box:
         """Build a box from any 4-sequence (list, tuple, numpy or torch values)."""
         values = [float(v) for v in xyxy]
         if len(values) != 4:
             raise InputError(f"a box needs 4 values x0, y0, x1, y1; got {len(values)}")
-        return cls(x0=values[0], y0=values[1], x1=values[2], y1=values[3],
-                   frame_width=frame_width, frame_height=frame_height)
+        return cls(
+            x0=values[0], y0=values[1], x1=values[2], y1=values[3], frame_width=frame_width, frame_height=frame_height
+        )
 
     @classmethod
-    def zero(cls, frame_width: int = DEFAULT_FRAME_SIZE, frame_height: int = DEFAULT_FRAME_SIZE) -> "Box":
+    def zero(cls, frame_width: int = DEFAULT_FRAME_SIZE, frame_height: int = DEFAULT_FRAME_SIZE) -> Box:
         """The all-zero box (what an empty mask gives)."""
         return cls(x0=0.0, y0=0.0, x1=0.0, y1=0.0, frame_width=frame_width, frame_height=frame_height)
 
@@ -401,8 +401,12 @@ class Box(_Model):
     @property
     def xyxyn(self) -> tuple[float, float, float, float]:
         """Coordinates divided by the frame width / height (float64; the verbalization uses float32)."""
-        return (self.x0 / self.frame_width, self.y0 / self.frame_height,
-                self.x1 / self.frame_width, self.y1 / self.frame_height)
+        return (
+            self.x0 / self.frame_width,
+            self.y0 / self.frame_height,
+            self.x1 / self.frame_width,
+            self.y1 / self.frame_height,
+        )
 
     @property
     def width(self) -> float:
@@ -464,13 +468,21 @@ class Segment(_Model):
         isthing: bool = False,
         score: Optional[float] = None,
         keep_mask: bool = True,
-    ) -> "Segment":
+    ) -> Segment:
         """Build a segment from its boolean mask (frame = mask shape); box and area are computed."""
         m = _validate_mask(mask)
         h, w = m.shape
         box = Box.from_xyxy(mask_box(m), frame_width=w, frame_height=h)
-        return cls(id=id, label=label, category_id=category_id, isthing=isthing, score=score, box=box,
-                   area=int(m.sum()), mask=m if keep_mask else None)
+        return cls(
+            id=id,
+            label=label,
+            category_id=category_id,
+            isthing=isthing,
+            score=score,
+            box=box,
+            area=int(m.sum()),
+            mask=m if keep_mask else None,
+        )
 
     def get_mask(self) -> Optional[np.ndarray]:
         """The mask, decoded from ``rle`` when only that is stored; ``None`` when neither is."""
@@ -536,15 +548,16 @@ class TextLine(_Model):
         polygon: Iterable[Iterable[float]],
         frame_width: int = DEFAULT_FRAME_SIZE,
         frame_height: int = DEFAULT_FRAME_SIZE,
-    ) -> "TextLine":
+    ) -> TextLine:
         """Build a line from its polygon; the box is the polygon's min/max extent."""
         pts = [(float(p[0]), float(p[1])) for p in (list(q) for q in polygon)]
         if not pts:
             box = Box.zero(frame_width, frame_height)
         else:
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            box = Box(x0=min(xs), y0=min(ys), x1=max(xs), y1=max(ys),
-                      frame_width=frame_width, frame_height=frame_height)
+            box = Box(
+                x0=min(xs), y0=min(ys), x1=max(xs), y1=max(ys), frame_width=frame_width, frame_height=frame_height
+            )
         return cls(text=text, confidence=float(confidence), polygon=pts, box=box)
 
 
@@ -591,7 +604,7 @@ class PerceptionResult(_Document):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PerceptionResult":
+    def _consistent(self) -> PerceptionResult:
         frame = (self.frame_height, self.frame_width)
         if self.panoptic_ids is not None and self.panoptic_ids.shape != frame:
             raise ValueError(f"panoptic_ids has shape {self.panoptic_ids.shape}, the frame is {frame} (H, W)")
@@ -661,15 +674,13 @@ class PerceptionResult(_Document):
         over = ids >= len(table)
         if over.any():
             bad = sorted(int(v) for v in np.unique(ids[over]))
-            logger.warning(
-                "segment ids %s exceed the %d-colour panoptic table; painted black", bad[:10], len(table)
-            )
+            logger.warning("segment ids %s exceed the %d-colour panoptic table; painted black", bad[:10], len(table))
             ids = np.where(over, 0, ids)
         return table[ids]
 
     # --- combining ----------------------------------------------------------------------------------------
 
-    def merge(self, other: "PerceptionResult") -> "PerceptionResult":
+    def merge(self, other: PerceptionResult) -> PerceptionResult:
         """Combine two results of the same image, each holding different tasks, into a new one.
 
         Raises :class:`InputError` when the image or frame sizes differ or both hold the same task.
@@ -680,12 +691,13 @@ class PerceptionResult(_Document):
         for name in ("image_width", "image_height", "frame_width", "frame_height"):
             if getattr(self, name) != getattr(other, name):
                 raise InputError(
-                    f"cannot merge results of different images: {name} {getattr(self, name)} vs "
-                    f"{getattr(other, name)}"
+                    f"cannot merge results of different images: {name} {getattr(self, name)} vs {getattr(other, name)}"
                 )
         data: dict[str, Any] = {
-            "image_width": self.image_width, "image_height": self.image_height,
-            "frame_width": self.frame_width, "frame_height": self.frame_height,
+            "image_width": self.image_width,
+            "image_height": self.image_height,
+            "frame_width": self.frame_width,
+            "frame_height": self.frame_height,
         }
         for task, names in _TASK_FIELDS.items():
             mine, theirs = self.has_task(task), other.has_task(task)
@@ -709,7 +721,7 @@ class PerceptionResult(_Document):
 
     # --- pictures -----------------------------------------------------------------------------------------
 
-    def plot(self, image: Any = None, **kwargs: Any) -> "PILImage.Image":
+    def plot(self, image: Any = None, **kwargs: Any) -> PILImage.Image:
         """Draw the result (see :func:`moai_sdk.viz.plot_perception`) and return a PIL image."""
         from .viz import plot_perception
 
@@ -758,7 +770,7 @@ class MoAIResult(_Document):
             raise InputError("this result holds no perception (the pipeline ran without experts); nothing to draw")
         return self.perception
 
-    def plot(self, image: Any = None, **kwargs: Any) -> "PILImage.Image":
+    def plot(self, image: Any = None, **kwargs: Any) -> PILImage.Image:
         """Picture of the perception that fed the answer (see :meth:`PerceptionResult.plot`)."""
         return self._perception().plot(image, **kwargs)
 
@@ -772,7 +784,6 @@ class MoAIResult(_Document):
             path.write_text(self.to_json(include_masks), encoding="utf-8")
             return path
         return self._perception().save(path, image, **kwargs)
-
 
 
 __all__ = [

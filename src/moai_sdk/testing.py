@@ -135,7 +135,7 @@ TINY_TOKENIZER_CONFIG: dict[str, Any] = {
 _GAINS = {"output.weight": 3.0, "wqkv.Plora_main.weight": 2.5, "moai_GA_img.weight": 2.0, "moai_GA_lang.weight": 2.0}
 
 
-def tiny_config() -> "MoAIConfig":
+def tiny_config() -> MoAIConfig:
     """The :class:`~moai_sdk.modeling.MoAIConfig` of the tiny MoAI."""
     from .modeling import MoAIConfig
 
@@ -235,7 +235,7 @@ def build_tiny_experts(directory: PathLike, *, seed: int = 0, ocr: bool = True) 
     return spec
 
 
-def tiny_pipeline(directory: PathLike, experts: Any = "tiny", *, seed: int = 0, **options: Any) -> "MoAIPipeline":
+def tiny_pipeline(directory: PathLike, experts: Any = "tiny", *, seed: int = 0, **options: Any) -> MoAIPipeline:
     """A :class:`~moai_sdk.pipeline.MoAIPipeline` on a tiny random MoAI built (or reused) in ``directory``.
 
     ``experts``: ``"tiny"`` (default: :func:`build_tiny_experts` in ``directory/experts``), ``None`` for none, or
@@ -255,7 +255,7 @@ def tiny_pipeline(directory: PathLike, experts: Any = "tiny", *, seed: int = 0, 
     return MoAIPipeline.from_pretrained(str(model_dir), experts=experts, **settings, **options)
 
 
-def demo_image(text: str = "MOAI", size: tuple[int, int] = (640, 480)) -> "PILImage.Image":
+def demo_image(text: str = "MOAI", size: tuple[int, int] = (640, 480)) -> PILImage.Image:
     """A synthetic RGB picture: ``text`` in large dark letters over a light background, a red square and a
     blue disc below it (the real OCR reads the text)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -269,8 +269,9 @@ def demo_image(text: str = "MOAI", size: tuple[int, int] = (640, 480)) -> "PILIm
     draw.text((width // 12, height // 8), text, fill=(15, 15, 15), font=font)
     top = height // 2
     draw.rectangle((width // 16, top, width // 16 + width // 3, top + height // 3), fill=(200, 40, 40))
-    draw.ellipse((width // 2 + width // 16, top, width // 2 + width // 16 + width // 3, top + height // 3),
-                 fill=(40, 90, 200))
+    draw.ellipse(
+        (width // 2 + width // 16, top, width // 2 + width // 16 + width // 3, top + height // 3), fill=(40, 90, 200)
+    )
     return img
 
 

@@ -143,12 +143,11 @@ class MoAITokenizer:
         alternatives = sorted(self._split_tokens, key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
 
-        self._chat_marker_ids = frozenset(
-            i for i in range(n) if _CHAT_MARKER.match(self._sp.id_to_piece(i))
+        self._chat_marker_ids = frozenset(i for i in range(n) if _CHAT_MARKER.match(self._sp.id_to_piece(i)))
+        self._skip_ids = (
+            frozenset({self._bos_id, self._eos_id, self._pad_id, self._unk_id, self._image_id} - {-1})
+            | self._chat_marker_ids
         )
-        self._skip_ids = frozenset(
-            {self._bos_id, self._eos_id, self._pad_id, self._unk_id, self._image_id} - {-1}
-        ) | self._chat_marker_ids
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -161,7 +160,7 @@ class MoAITokenizer:
         token: str | bool | None = None,
         local_files_only: bool = False,
         image_token_id: int | None = None,
-    ) -> "MoAITokenizer":
+    ) -> MoAITokenizer:
         """Load ``tokenizer.model`` (and ``tokenizer_config.json`` if present) from a folder or a Hub repo.
 
         ``image_token_id`` pins the id of ``<image>`` (it must still be the one the official code would give).
@@ -311,8 +310,8 @@ class MoAITokenizer:
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
             if len(seq):
-                input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-                attention_mask[row, width - len(seq):] = 1
+                input_ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+                attention_mask[row, width - len(seq) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def __call__(

@@ -159,8 +159,9 @@ def verbalize_segmentation(perception: PerceptionResult, *, corrected: bool = Fa
 
     boxes = [by_id[k] for k in sorted(by_id)]
     if len(boxes) < len(segments):
-        logger.debug("segmentation part empty: %d segments but %d boxes (official behaviour)",
-                     len(segments), len(boxes))
+        logger.debug(
+            "segmentation part empty: %d segments but %d boxes (official behaviour)", len(segments), len(boxes)
+        )
         return ""
     for seg, box in zip(segments, boxes):
         items.append(f"{format_box(_scaled_mask_box(box, fw, fh))} {clean_coco_name(seg.label)}")
@@ -392,9 +393,7 @@ def verbalize_ocr(perception: PerceptionResult, *, corrected: bool = False) -> s
 
 def _check(perception: Optional[PerceptionResult]) -> None:
     if not isinstance(perception, PerceptionResult):
-        raise InputError(
-            f"verbalization needs a moai_sdk.PerceptionResult; got {type(perception).__name__}"
-        )
+        raise InputError(f"verbalization needs a moai_sdk.PerceptionResult; got {type(perception).__name__}")
 
 
 def verbalize_parts(perception: PerceptionResult, corrected: bool = False) -> VerbalizationParts:

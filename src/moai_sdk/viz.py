@@ -38,10 +38,26 @@ BACKGROUND_GREY = (128, 128, 128)
 
 # Twenty well-separated colours for boxes (RGB).
 _PALETTE: tuple[tuple[int, int, int], ...] = (
-    (255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207, 210, 49),
-    (72, 249, 10), (146, 204, 23), (61, 219, 134), (26, 147, 52), (0, 212, 187),
-    (44, 153, 168), (0, 194, 255), (52, 69, 147), (100, 115, 255), (0, 24, 236),
-    (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199),
+    (255, 56, 56),
+    (255, 157, 151),
+    (255, 112, 31),
+    (255, 178, 29),
+    (207, 210, 49),
+    (72, 249, 10),
+    (146, 204, 23),
+    (61, 219, 134),
+    (26, 147, 52),
+    (0, 212, 187),
+    (44, 153, 168),
+    (0, 194, 255),
+    (52, 69, 147),
+    (100, 115, 255),
+    (0, 24, 236),
+    (132, 56, 255),
+    (82, 0, 133),
+    (203, 56, 255),
+    (255, 149, 200),
+    (255, 55, 199),
 )
 _RELATION_COLOUR = (255, 255, 0)
 _TEXT_COLOUR = (0, 255, 255)
@@ -97,8 +113,9 @@ def _text_size(draw: Any, text: str, font: Any) -> tuple[int, int]:
     return right - left, bottom - top
 
 
-def _tag(draw: Any, xy: tuple[float, float], text: str, colour: tuple[int, int, int], font: Any,
-         above: bool = True) -> None:
+def _tag(
+    draw: Any, xy: tuple[float, float], text: str, colour: tuple[int, int, int], font: Any, above: bool = True
+) -> None:
     """Text on a filled background whose bottom-left (``above``) or top-left corner is ``xy``."""
     w, h = _text_size(draw, text, font)
     x, y = xy
@@ -107,8 +124,12 @@ def _tag(draw: Any, xy: tuple[float, float], text: str, colour: tuple[int, int, 
         top = y
     draw.rectangle([x, top, x + w + 4, top + h + 4], fill=colour)
     lum = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-    draw.text((x + 2, top + 2 - draw.textbbox((0, 0), text, font=font)[1]), text, font=font,
-              fill=(0, 0, 0) if lum > 140 else (255, 255, 255))
+    draw.text(
+        (x + 2, top + 2 - draw.textbbox((0, 0), text, font=font)[1]),
+        text,
+        font=font,
+        fill=(0, 0, 0) if lum > 140 else (255, 255, 255),
+    )
 
 
 def _rect(box: Any) -> list[float]:
@@ -116,8 +137,9 @@ def _rect(box: Any) -> list[float]:
     return [min(box.x0, box.x1), min(box.y0, box.y1), max(box.x0, box.x1), max(box.y0, box.y1)]
 
 
-def _arrow(draw: Any, start: tuple[float, float], end: tuple[float, float], colour: tuple[int, int, int],
-           width: int) -> None:
+def _arrow(
+    draw: Any, start: tuple[float, float], end: tuple[float, float], colour: tuple[int, int, int], width: int
+) -> None:
     draw.line([start, end], fill=colour, width=width)
     dx, dy = end[0] - start[0], end[1] - start[1]
     length = float(np.hypot(dx, dy))
@@ -140,7 +162,7 @@ def plot_perception(
     font_size: Optional[int] = None,
     min_relation_score: float = 0.8,
     max_relations: int = 10,
-) -> "PILImage.Image":
+) -> PILImage.Image:
     """Draw ``result`` over ``image`` (any image input; default: the kept frame, else a grey canvas).
 
     The image is brought to the result's frame with the official resize when its size differs. Returns a

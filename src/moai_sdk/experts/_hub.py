@@ -28,7 +28,7 @@ T = TypeVar("T")
 HF_FILE_PREFIX = "hf://"
 
 
-def hub_kwargs(expert: "Expert") -> dict[str, Any]:
+def hub_kwargs(expert: Expert) -> dict[str, Any]:
     """``from_pretrained`` keywords for the expert's revision, cache folder, token and offline flag."""
     kwargs: dict[str, Any] = {}
     if expert.revision is not None:
@@ -64,7 +64,7 @@ def image_processor_backend_kwargs(backend: str) -> dict[str, Any]:
     return {"use_fast": backend == "torchvision"}
 
 
-def load_pretrained(loader: Callable[..., T], expert: "Expert", **kwargs: Any) -> T:
+def load_pretrained(loader: Callable[..., T], expert: Expert, **kwargs: Any) -> T:
     """Call ``loader(expert.model_id, **hub_kwargs(expert), **kwargs)`` (a ``from_pretrained``).
 
     Failures to find or fetch the files become :class:`CheckpointError` naming the model id and the fix.
@@ -89,7 +89,7 @@ def load_pretrained(loader: Callable[..., T], expert: "Expert", **kwargs: Any) -
         ) from exc
 
 
-def resolve_weight_file(expert: "Expert", *, suffixes: tuple[str, ...] = (".pt", ".pth", ".yaml", ".yml")) -> str:
+def resolve_weight_file(expert: Expert, *, suffixes: tuple[str, ...] = (".pt", ".pth", ".yaml", ".yml")) -> str:
     """Resolve an ultralytics-style ``model_id`` to what ultralytics should open.
 
     * an existing local file: returned as is;
@@ -104,7 +104,7 @@ def resolve_weight_file(expert: "Expert", *, suffixes: tuple[str, ...] = (".pt",
         raise ConfigError(f"expert {expert.name!r} needs a model_id (a weight file, a .yaml config or hf://...)")
     spec = os.fspath(spec)
     if spec.startswith(HF_FILE_PREFIX):
-        parts = spec[len(HF_FILE_PREFIX):].split("/")
+        parts = spec[len(HF_FILE_PREFIX) :].split("/")
         if len(parts) < 3:
             raise ConfigError(f"{spec!r}: write Hub files as hf://owner/repo/path/to/file.pt")
         repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
@@ -112,7 +112,11 @@ def resolve_weight_file(expert: "Expert", *, suffixes: tuple[str, ...] = (".pt",
 
         return str(
             download(
-                repo_id, filename, revision=expert.revision, cache_dir=expert.cache_dir, token=expert.token,
+                repo_id,
+                filename,
+                revision=expert.revision,
+                cache_dir=expert.cache_dir,
+                token=expert.token,
                 local_files_only=expert.local_files_only,
             )
         )
@@ -172,7 +176,7 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def ultralytics_predict(expert: "Expert", images: Sequence[Any], **extra: Any) -> Iterator[tuple[Any, Any]]:
+def ultralytics_predict(expert: Expert, images: Sequence[Any], **extra: Any) -> Iterator[tuple[Any, Any]]:
     """Run an ultralytics model over uint8 CHW RGB frames in batches: yields ``(frame, prediction)`` pairs.
 
     ultralytics reads numpy images as BGR (OpenCV order), so the frames are flipped to BGR here.

@@ -125,8 +125,7 @@ class Expert(ABC):
             unknown = sorted(set(settings) - set(cls.default_settings))
             if unknown:
                 raise ConfigError(
-                    f"expert {cls.name!r} has no setting(s) {unknown}; known settings: "
-                    f"{sorted(cls.default_settings)}"
+                    f"expert {cls.name!r} has no setting(s) {unknown}; known settings: {sorted(cls.default_settings)}"
                 )
         self.model_id: Optional[str] = model_id if model_id is not None else cls.default_model_id
         self.revision = revision
@@ -147,7 +146,7 @@ class Expert(ABC):
         """Whether the model is in memory."""
         return self._loaded
 
-    def load(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "Expert":
+    def load(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> Expert:
         """Load the model and return ``self``. Loading happens once: later calls return at once unless they
         ask for another device or dtype, which reloads the model.
 
@@ -171,8 +170,9 @@ class Expert(ABC):
             except Exception as exc:
                 raise ExpertError(self.name, f"loading {self.model_id!r} failed: {type(exc).__name__}: {exc}") from exc
             self._loaded = True
-            logger.info("loaded expert %s (%s) on %s in %.2fs", self.name, self.model_id, self.device,
-                        time.perf_counter() - t0)
+            logger.info(
+                "loaded expert %s (%s) on %s in %.2fs", self.name, self.model_id, self.device, time.perf_counter() - t0
+            )
             return self
 
     def unload(self) -> None:
@@ -401,7 +401,7 @@ class Perception:
         keep_image: bool = True,
         frame_size: int = MOAI_IMAGE_SIZE,
         cache_size: int = 0,
-        cache: Optional["ExpertCache"] = None,
+        cache: Optional[ExpertCache] = None,
     ) -> None:
         from ..cache import ExpertCache
 
@@ -448,7 +448,7 @@ class Perception:
         """Configured task -> expert name."""
         return {e.task: e.name for e in self.experts}
 
-    def load(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "Perception":
+    def load(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> Perception:
         """Load every expert now instead of at the first call."""
         for exp in self.experts:
             exp.load(device, dtype)
@@ -542,7 +542,11 @@ class Perception:
                     warnings.append(msg)
                     logger.warning(msg)
             merged = PerceptionResult(
-                image_width=width, image_height=height, frame_width=fw, frame_height=fh, warnings=warnings,
+                image_width=width,
+                image_height=height,
+                frame_width=fw,
+                frame_height=fh,
+                warnings=warnings,
                 frame_image=frame.permute(1, 2, 0).contiguous().numpy() if self.keep_image else None,
             )
             for exp in self.experts:

@@ -26,14 +26,14 @@ import torch
 from ..errors import ConfigError
 from ..results import Box, Detection, PerceptionResult, load_vocab
 from ._hub import (
-    image_processor_backend_kwargs,
     chunks,
+    image_processor_backend_kwargs,
     import_ultralytics,
     keeps_thread_settings,
-    ultralytics_predict,
     load_pretrained,
     resolve_weight_file,
     ultralytics_precision_kwargs,
+    ultralytics_predict,
 )
 from .base import Expert, register_expert
 
@@ -80,12 +80,15 @@ def detections_result(
     Boxes are kept exactly (float32 values, not clipped); the order is the backend's.
     """
     h, w = int(frame.shape[-2]), int(frame.shape[-1])
-    box_arr = np.asarray(boxes.detach().to("cpu").float() if isinstance(boxes, torch.Tensor) else boxes,
-                         dtype=np.float32).reshape(-1, 4)
-    score_arr = np.asarray(scores.detach().to("cpu").float() if isinstance(scores, torch.Tensor) else scores,
-                           dtype=np.float32).reshape(-1)
-    label_arr = np.asarray(labels.detach().to("cpu") if isinstance(labels, torch.Tensor) else labels,
-                           dtype=np.int64).reshape(-1)
+    box_arr = np.asarray(
+        boxes.detach().to("cpu").float() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float32
+    ).reshape(-1, 4)
+    score_arr = np.asarray(
+        scores.detach().to("cpu").float() if isinstance(scores, torch.Tensor) else scores, dtype=np.float32
+    ).reshape(-1)
+    label_arr = np.asarray(
+        labels.detach().to("cpu") if isinstance(labels, torch.Tensor) else labels, dtype=np.int64
+    ).reshape(-1)
     if not len(box_arr) == len(score_arr) == len(label_arr):
         raise ValueError(f"got {len(box_arr)} boxes, {len(score_arr)} scores and {len(label_arr)} labels")
     detections = []
@@ -93,8 +96,12 @@ def detections_result(
         if not 0 <= label < len(queries):
             raise ValueError(f"label index {label} is outside the {len(queries)} queries")
         detections.append(
-            Detection(label=queries[label], label_index=label, score=score,
-                      box=Box.from_xyxy(box, frame_width=w, frame_height=h))
+            Detection(
+                label=queries[label],
+                label_index=label,
+                score=score,
+                box=Box.from_xyxy(box, frame_width=w, frame_height=h),
+            )
         )
     return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, detections=detections)
 
@@ -194,8 +201,8 @@ class Owlv2Expert(Expert):
         parts = []
         with torch.inference_mode():
             for start in range(0, len(input_ids), step):
-                ids = input_ids[start:start + step].to(self.device)
-                mask = attention_mask[start:start + step].to(self.device)
+                ids = input_ids[start : start + step].to(self.device)
+                mask = attention_mask[start : start + step].to(self.device)
                 feats = self.model.owlv2.get_text_features(input_ids=ids, attention_mask=mask)
                 feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
                 # the full forward hands the class head text embeddings divided by their L2 norm
@@ -217,9 +224,7 @@ class Owlv2Expert(Expert):
         feature_map = self.model.image_embedder(pixel_values=pixel_values)[0]
         b, gh, gw, d = feature_map.shape
         image_feats = feature_map.reshape(b, gh * gw, d)
-        logits = self.model.class_predictor(
-            image_feats, query_embeds.expand(b, -1, -1), query_mask.expand(b, -1)
-        )[0]
+        logits = self.model.class_predictor(image_feats, query_embeds.expand(b, -1, -1), query_mask.expand(b, -1))[0]
         boxes = self.model.box_predictor(image_feats, feature_map)
         return Owlv2ObjectDetectionOutput(logits=logits.float(), pred_boxes=boxes.float())
 

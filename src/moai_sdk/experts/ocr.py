@@ -44,8 +44,13 @@ def text_lines_result(frame: torch.Tensor, lines: Iterable[tuple[Any, str, float
     """An OCR-only :class:`PerceptionResult` from ``(polygon, text, confidence)`` triples."""
     h, w = int(frame.shape[-2]), int(frame.shape[-1])
     text_lines = [
-        TextLine.from_polygon(str(text), float(conf), np.asarray(poly, dtype=np.float64).reshape(-1, 2).tolist(),
-                              frame_width=w, frame_height=h)
+        TextLine.from_polygon(
+            str(text),
+            float(conf),
+            np.asarray(poly, dtype=np.float64).reshape(-1, 2).tolist(),
+            frame_width=w,
+            frame_height=h,
+        )
         for poly, text, conf in lines
     ]
     return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, text_lines=text_lines)
@@ -118,7 +123,9 @@ class RapidOCRExpert(Expert):
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ConfigError(f"num_threads must be a positive integer or None; got {threads!r}")
         if model_id is not None and not os.path.isfile(model_id):
-            raise ConfigError(f"rapidocr model_id must be None (bundled models) or a config.yaml path; got {model_id!r}")
+            raise ConfigError(
+                f"rapidocr model_id must be None (bundled models) or a config.yaml path; got {model_id!r}"
+            )
 
     @property
     def compute_device_type(self) -> str:

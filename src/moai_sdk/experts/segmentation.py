@@ -24,14 +24,14 @@ import torch
 from ..errors import ConfigError, ExpertError
 from ..results import PerceptionResult, Segment, load_vocab
 from ._hub import (
-    image_processor_backend_kwargs,
     chunks,
+    image_processor_backend_kwargs,
     import_ultralytics,
     keeps_thread_settings,
-    ultralytics_predict,
     load_pretrained,
     resolve_weight_file,
     ultralytics_precision_kwargs,
+    ultralytics_predict,
 )
 from .base import Expert, register_expert
 
@@ -46,9 +46,7 @@ def coco_panoptic_classes() -> tuple[str, ...]:
     return load_vocab("COCO_PANOPTIC_CLASSES")
 
 
-def segments_from_id_map(
-    ids: np.ndarray, segments_info: Iterable[dict], *, keep_masks: bool = True
-) -> list[Segment]:
+def segments_from_id_map(ids: np.ndarray, segments_info: Iterable[dict], *, keep_masks: bool = True) -> list[Segment]:
     """Typed segments from a panoptic id map and its ``segments_info`` (``id``, ``label_id``, ``score``).
 
     Entries repeating an id (fused segments) are kept once. ``label_id`` indexes ``COCO_PANOPTIC_CLASSES``;

@@ -48,11 +48,15 @@ class PerceiverAttention(nn.Module):
 
 def _feed_forward(dim: int, mult: float) -> nn.Sequential:
     inner = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, dim: int, depth: int = 4, dim_head: int = 64, heads: int = 4, num_latents: int = 64, ff_mult: float = 1):
+    def __init__(
+        self, dim: int, depth: int = 4, dim_head: int = 64, heads: int = 4, num_latents: int = 64, ff_mult: float = 1
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.zeros(num_latents, dim))
         self.layers = nn.ModuleList(
@@ -61,9 +65,16 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     @classmethod
-    def from_config(cls, config: MoAIConfig) -> "PerceiverResampler":
+    def from_config(cls, config: MoAIConfig) -> PerceiverResampler:
         s = config.structure
-        return cls(config.hidden_size, s.compressor_depth, s.compressor_dim_head, s.compressor_heads, s.compressor_latents, s.compressor_ff_mult)
+        return cls(
+            config.hidden_size,
+            s.compressor_depth,
+            s.compressor_dim_head,
+            s.compressor_heads,
+            s.compressor_latents,
+            s.compressor_ff_mult,
+        )
 
     def forward(self, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``media`` [B, N, D] -> [B, num_latents, D]; ``media_mask`` [B, N] bool (True = real token)."""

@@ -123,7 +123,7 @@ class MoAIConfig:
             return sorted(int(i) for i in s.mixer_layers)
         return [i for i in range(self.num_hidden_layers) if (i + 1) % s.mixer_every == 0]
 
-    def validate(self) -> "MoAIConfig":
+    def validate(self) -> MoAIConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -134,7 +134,9 @@ class MoAIConfig:
                 f"{self.num_key_value_heads}"
             )
         if self.hidden_size % self.structure.mixer_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by mixer_heads {self.structure.mixer_heads}")
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by mixer_heads {self.structure.mixer_heads}"
+            )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ("linear", "dynamic"):
@@ -152,7 +154,7 @@ class MoAIConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MoAIConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MoAIConfig:
         """Build from a ``config.json`` dictionary (official InternLM2 keys plus optional ``moai_structure``)."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
@@ -173,7 +175,9 @@ class MoAIConfig:
             if not isinstance(block, dict):
                 raise ConfigError("'moai_structure' in config.json must be an object")
             known = {k: v for k, v in block.items() if k in _STRUCTURE_FIELDS}
-            if "compressor_dim" in block and int(block["compressor_dim"]) != int(kwargs.get("hidden_size", cls.hidden_size)):
+            if "compressor_dim" in block and int(block["compressor_dim"]) != int(
+                kwargs.get("hidden_size", cls.hidden_size)
+            ):
                 raise ConfigError("moai_structure.compressor_dim must equal hidden_size")
             structure = MoAIStructure(**{**asdict(MoAIStructure()), **known})
             if "vision_config" in block:
@@ -195,7 +199,7 @@ class MoAIConfig:
         out["moai_structure"]["compressor_dim"] = self.hidden_size
         return out
 
-    def copy(self) -> "MoAIConfig":
+    def copy(self) -> MoAIConfig:
         return copy.deepcopy(self)
 
 

@@ -45,7 +45,7 @@ class GenerationSettings:
     #: run without a graph. Greedy and sampling only (beam search reorders the cache and decodes as usual).
     cuda_graphs: bool = False
 
-    def validate(self) -> "GenerationSettings":
+    def validate(self) -> GenerationSettings:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature <= 0:
@@ -57,7 +57,9 @@ class GenerationSettings:
         if self.num_beams < 1:
             raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
-            raise GenerationError("beam sampling is not supported: use num_beams=1 with do_sample=True, or do_sample=False")
+            raise GenerationError(
+                "beam sampling is not supported: use num_beams=1 with do_sample=True, or do_sample=False"
+            )
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if isinstance(self.stop, str):
@@ -68,7 +70,7 @@ class GenerationSettings:
         return asdict(self)
 
     @classmethod
-    def from_any(cls, config: Any = None, **overrides: Any) -> "GenerationSettings":
+    def from_any(cls, config: Any = None, **overrides: Any) -> GenerationSettings:
         """Build from ``None``, our settings, a dict, or a transformers ``GenerationConfig``; then apply overrides."""
         names = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
@@ -80,7 +82,9 @@ class GenerationSettings:
             raw = config.to_dict()
             values = {k: raw[k] for k in names if k in raw and raw[k] is not None}
             if raw.get("stop_strings"):
-                values["stop"] = list(raw["stop_strings"]) if not isinstance(raw["stop_strings"], str) else [raw["stop_strings"]]
+                values["stop"] = (
+                    list(raw["stop_strings"]) if not isinstance(raw["stop_strings"], str) else [raw["stop_strings"]]
+                )
             if values.get("top_k") is None:
                 values.pop("top_k", None)
         elif config is not None:
@@ -200,7 +204,15 @@ def generate(
     cache = KVCache.allocate(model.config, b, capacity, model.dtype, device)
     t0 = time.perf_counter()
     out = model(
-        input_ids, pixel_values, aux_embeds, attention_mask, im_mask, lang_mask, cache=cache, last_logits_only=True, **fwd_extra
+        input_ids,
+        pixel_values,
+        aux_embeds,
+        attention_mask,
+        im_mask,
+        lang_mask,
+        cache=cache,
+        last_logits_only=True,
+        **fwd_extra,
     )
     logits = out.logits[:, -1].float()
     mask = out.attention_mask
@@ -238,7 +250,12 @@ def generate(
     if not return_dict:
         return sequences
     return GenerateOutput(
-        sequences=sequences, new_tokens=new, prompt_length=t, step_logits=step_logits, sequence_scores=scores, timings=timings
+        sequences=sequences,
+        new_tokens=new,
+        prompt_length=t,
+        step_logits=step_logits,
+        sequence_scores=scores,
+        timings=timings,
     )
 
 
@@ -349,7 +366,9 @@ class FixedShapeDecoder:
         if rotary is not None and rotary.varies_with_length(capacity):
             logger.info(
                 "cuda_graphs: %d positions exceed max_position_embeddings (%d) under dynamic RoPE scaling; "
-                "decoding without fixed-shape steps", capacity, rotary.max_position_embeddings,
+                "decoding without fixed-shape steps",
+                capacity,
+                rotary.max_position_embeddings,
             )
             return False
         return True
@@ -555,7 +574,11 @@ def _beam_search(model, s, logits, mask, cache, seen, eos_ids, pad_id, b):
         seen = seen.index_select(0, src_flat)
         seen[torch.arange(b * nb, device=device), next_tokens.view(-1)] = True
         mask = torch.cat((mask.index_select(0, src_flat), torch.ones_like(mask[:, :1])), dim=1)
-        logits = model(next_tokens.view(-1, 1), attention_mask=mask, cache=cache, last_logits_only=True).logits[:, -1].float()
+        logits = (
+            model(next_tokens.view(-1, 1), attention_mask=mask, cache=cache, last_logits_only=True)
+            .logits[:, -1]
+            .float()
+        )
     best = [h.items[0][1] if h.items else [] for h in hyps]
     best_scores = torch.tensor([h.items[0][0] if h.items else float("-inf") for h in hyps])
     return best, best_scores

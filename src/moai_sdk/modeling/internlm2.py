@@ -144,7 +144,7 @@ class KVCache:
         self.length = length
 
     @classmethod
-    def allocate(cls, config: MoAIConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+    def allocate(cls, config: MoAIConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
         shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
         layers = [
             LayerCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
@@ -182,8 +182,12 @@ class InternLM2Attention(nn.Module):
         self.head_dim = config.head_dim
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.wqkv = PLoRALinear(config.hidden_size, qkv_out, config.bias, s.plora_rank, s.plora_alpha)
-        self.wo = PLoRALinear(self.num_heads * self.head_dim, config.hidden_size, config.bias, s.plora_rank, s.plora_alpha)
-        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        self.wo = PLoRALinear(
+            self.num_heads * self.head_dim, config.hidden_size, config.bias, s.plora_rank, s.plora_alpha
+        )
+        self.rotary = RotaryEmbedding(
+            self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
         #: "sdpa" (default) or "eager" (the official matmul-softmax-matmul; the benchmark baseline).
         self.attn_implementation = "sdpa"
         # The mixer's experts and gates sit directly on this module under their official names
@@ -413,7 +417,9 @@ class InternLM2Model(nn.Module):
             raise ValueError("a fixed-shape step takes one new token and a cache")
         capacity = cache.capacity
         if attention_mask.shape[-1] != capacity:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected the capacity {capacity}")
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected the capacity {capacity}"
+            )
         rotary = self.layers[0].attention.rotary if self.layers else None
         if rotary is not None and rotary.varies_with_length(capacity):
             raise ValueError("dynamic RoPE scaling depends on the running length; fixed-shape steps cannot follow it")
@@ -423,8 +429,17 @@ class InternLM2Model(nn.Module):
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(
-                h, im_mask=None, positions=positions, attn_bias=attn_bias, lang_mask=None, aux=None,
-                cache=cache.layers[i], cache_start=0, kv_length=capacity, rope=rope, cache_index=cache_index,
+                h,
+                im_mask=None,
+                positions=positions,
+                attn_bias=attn_bias,
+                lang_mask=None,
+                aux=None,
+                cache=cache.layers[i],
+                cache_start=0,
+                kv_length=capacity,
+                rope=rope,
+                cache_index=cache_index,
             )
         return self.norm(h)
 

@@ -91,16 +91,24 @@ def resolve_checkpoint(
             raise CheckpointError(f"{local} has no {CONFIG_NAME}; is it a MoAI checkpoint directory?")
         config = _read_json(config_path)
         if (local / SAFE_INDEX).is_file():
-            return CheckpointFiles(source, local, config, [local / s for s in _shards_from_index(local / SAFE_INDEX)], "safetensors")
+            return CheckpointFiles(
+                source, local, config, [local / s for s in _shards_from_index(local / SAFE_INDEX)], "safetensors"
+            )
         if (local / SAFE_WEIGHTS).is_file():
             return CheckpointFiles(source, local, config, [local / SAFE_WEIGHTS], "safetensors")
         if (local / BIN_INDEX).is_file():
-            return CheckpointFiles(source, local, config, [local / s for s in _shards_from_index(local / BIN_INDEX)], "bin")
+            return CheckpointFiles(
+                source, local, config, [local / s for s in _shards_from_index(local / BIN_INDEX)], "bin"
+            )
         if (local / BIN_WEIGHTS).is_file():
             return CheckpointFiles(source, local, config, [local / BIN_WEIGHTS], "bin")
-        raise CheckpointError(f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
+        raise CheckpointError(
+            f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
+        )
     if local.exists() or source.startswith((".", "/", "~")) or not is_repo_id(source):
-        raise CheckpointError(f"{source!r} is not a directory; pass a checkpoint directory or a Hub repo id like 'BK-Lee/MoAI-7B'")
+        raise CheckpointError(
+            f"{source!r} is not a directory; pass a checkpoint directory or a Hub repo id like 'BK-Lee/MoAI-7B'"
+        )
 
     kw = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     config_path = download(source, CONFIG_NAME, **kw)
@@ -174,7 +182,9 @@ class WeightReader:
             with safe_open(str(path), framework="pt") as fh:
                 return fh.get_tensor(key)
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read tensor {key!r} from {path.name} ({exc}); the file is truncated or corrupt") from exc
+            raise CheckpointError(
+                f"cannot read tensor {key!r} from {path.name} ({exc}); the file is truncated or corrupt"
+            ) from exc
 
     def release(self) -> None:
         self._bin_cache.clear()
@@ -193,7 +203,9 @@ def load_bin_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "Convert it to safetensors with a trusted tool."
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({exc}); the file is truncated or corrupt") from exc
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint ({exc}); the file is truncated or corrupt"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -218,8 +230,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -266,7 +285,11 @@ def plan_load(model: nn.Module, reader: WeightReader, config: MoAIConfig) -> Loa
         if missing:
             lines.append(f"{len(missing)} missing: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
         if unexpected:
-            lines.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+            lines.append(
+                f"{len(unexpected)} unexpected: "
+                + ", ".join(unexpected[:20])
+                + (" ..." if len(unexpected) > 20 else "")
+            )
         raise MissingKeysError(
             f"checkpoint {reader.files.source!r} does not match the MoAI model ({'; '.join(lines)}). "
             "Is it a MoAI checkpoint with official key names, and does config.json describe it?",
@@ -284,7 +307,9 @@ def plan_load(model: nn.Module, reader: WeightReader, config: MoAIConfig) -> Loa
         if key == EMBED_KEY or key == POSITION_TABLE_KEY:
             continue
         if want != got:
-            raise CheckpointError(f"shape mismatch for {key}: checkpoint {got}, model {want}; config.json does not describe this checkpoint")
+            raise CheckpointError(
+                f"shape mismatch for {key}: checkpoint {got}, model {want}; config.json does not describe this checkpoint"
+            )
     interp = False
     if vision_in_ckpt:
         want = tuple(model.state_dict()[POSITION_TABLE_KEY].shape)
@@ -334,11 +359,13 @@ def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub_kwargs: dict[
     out = {}
     for key, value in state.items():
         if key.startswith("vision_model."):
-            out[VISION_PREFIX + key[len("vision_model."):]] = value
+            out[VISION_PREFIX + key[len("vision_model.") :]] = value
     if not out:
         raise CheckpointError(f"{vision_id!r} holds no 'vision_model.*' weights")
     s = config.structure
-    out[POSITION_TABLE_KEY] = interpolate_position_table(out[POSITION_TABLE_KEY], s.vision_pos_interp_from_grid, s.vision_pos_interp_to_grid)
+    out[POSITION_TABLE_KEY] = interpolate_position_table(
+        out[POSITION_TABLE_KEY], s.vision_pos_interp_from_grid, s.vision_pos_interp_to_grid
+    )
     return out
 
 
@@ -376,7 +403,9 @@ def load_moai(
     if quantization is not None and dt == torch.float32 and dev.type == "cuda":
         logger.info("quantized weights compute in float32 on CUDA; dtype='float16' is faster")
 
-    files = resolve_checkpoint(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    files = resolve_checkpoint(
+        path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
     config = MoAIConfig.from_dict(files.config)
     reader = WeightReader(files)
 
@@ -446,13 +475,19 @@ def _iter_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> Itera
         yield shard
 
 
-def save_moai(model, directory: str | os.PathLike, *, max_shard_size: int | None = None, safe_serialization: bool = True) -> None:
+def save_moai(
+    model, directory: str | os.PathLike, *, max_shard_size: int | None = None, safe_serialization: bool = True
+) -> None:
     """Write ``config.json`` and the weights with official key names (optionally sharded, or as ``.bin``)."""
     if model.load_info.get("quantization"):
         raise ConfigError("a quantized model cannot be saved; load it without quantization to save it")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.endswith(_BENIGN_UNEXPECTED_SUFFIXES)}
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not k.endswith(_BENIGN_UNEXPECTED_SUFFIXES)
+    }
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.dtype).replace("torch.", "")
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -473,8 +508,13 @@ def save_moai(model, directory: str | os.PathLike, *, max_shard_size: int | None
             torch.save(shard, out / name)
         weight_map.update({k: name for k in shard})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": weight_map}
-        (out / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        index = {
+            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+            "weight_map": weight_map,
+        }
+        (out / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(
+            json.dumps(index, indent=2), encoding="utf-8"
+        )
 
 
 __all__ = [

@@ -60,7 +60,9 @@ class LowRankAttentionExpert(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``query`` [B, Nq, D], ``context`` [B, Nk, D], ``context_mask`` [B, Nk] bool (True = a real token)."""
         q = self._split(F.gelu(self.linear_q(query)))
         k = self._split(F.gelu(self.linear_k(context)))
@@ -99,7 +101,9 @@ class MoAIMixer(nn.Module):
     def _gate(self, gate: nn.Linear, h: torch.Tensor) -> torch.Tensor:
         return F.softmax(gate(h), dim=-1, dtype=self.gate_dtype)
 
-    def forward(self, hidden: torch.Tensor, im_mask: torch.Tensor, lang_mask: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, im_mask: torch.Tensor, lang_mask: torch.Tensor, aux: torch.Tensor
+    ) -> torch.Tensor:
         if not bool(im_mask.any()) and not bool(lang_mask.any()):
             return hidden  # cached decoding steps: the released model never mixes generated tokens
         if self.mode == "reference":
@@ -132,7 +136,9 @@ class MoAIMixer(nn.Module):
         out[lang_mask] = new_txt[txt_valid].to(out.dtype)
         return out
 
-    def forward_reference(self, hidden: torch.Tensor, im_mask: torch.Tensor, lang_mask: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def forward_reference(
+        self, hidden: torch.Tensor, im_mask: torch.Tensor, lang_mask: torch.Tensor, aux: torch.Tensor
+    ) -> torch.Tensor:
         """The official per-sample loop with masked indexing (slow; kept as the benchmark baseline)."""
         out = hidden.clone()
         aux = aux.to(hidden.dtype)

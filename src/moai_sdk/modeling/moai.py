@@ -130,7 +130,11 @@ class MoAIForCausalLM(nn.Module):
         return self.moai_compressor(aux_embeds.to(self.device, self.moai_compressor.latents.dtype), aux_mask)
 
     def merge_image_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        image_features: torch.Tensor,
+        attention_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replace each row's single ``<image>`` token by its image features.
 
@@ -154,9 +158,13 @@ class MoAIForCausalLM(nn.Module):
         text_idx = torch.where(j < p[:, None], j, j - n + 1).clamp(0, t - 1)
         img_idx = (j - p[:, None]).clamp(0, n - 1)
         text = torch.gather(inputs_embeds, 1, text_idx[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
-        imgs = torch.gather(image_features.to(inputs_embeds.dtype), 1, img_idx[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+        imgs = torch.gather(
+            image_features.to(inputs_embeds.dtype), 1, img_idx[..., None].expand(-1, -1, inputs_embeds.shape[-1])
+        )
         merged = torch.where(img_pos[..., None], imgs, text)
-        merged_mask = torch.where(img_pos, torch.ones_like(attention_mask[:, :1]), torch.gather(attention_mask, 1, text_idx))
+        merged_mask = torch.where(
+            img_pos, torch.ones_like(attention_mask[:, :1]), torch.gather(attention_mask, 1, text_idx)
+        )
         return merged, merged_mask, img_pos
 
     # ------------------------------------------------------------------ forward
@@ -236,19 +244,32 @@ class MoAIForCausalLM(nn.Module):
             if cache.length != 0:
                 raise InputError("a prefill needs an empty cache")
         hidden = self.model(
-            merged, attention_mask=merged_mask, positions=positions, im_mask=im_mask, lang_mask=lang_mask,
-            aux=compressed_aux, cache=cache,
+            merged,
+            attention_mask=merged_mask,
+            positions=positions,
+            im_mask=im_mask,
+            lang_mask=lang_mask,
+            aux=compressed_aux,
+            cache=cache,
         )
         if last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.output(hidden)
         return MoAIOutput(
-            logits=logits, attention_mask=merged_mask, cache=cache, image_features=image_features, compressed_aux=compressed_aux
+            logits=logits,
+            attention_mask=merged_mask,
+            cache=cache,
+            image_features=image_features,
+            compressed_aux=compressed_aux,
         )
 
-    def _decode_step(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None, last_only: bool) -> MoAIOutput:
+    def _decode_step(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None, last_only: bool
+    ) -> MoAIOutput:
         if cache is None or cache.length == 0:
-            raise InputError("a forward without pixel_values/image_features is a decoding step and needs a filled cache")
+            raise InputError(
+                "a forward without pixel_values/image_features is a decoding step and needs a filled cache"
+            )
         q_len = embeds.shape[1]
         if attention_mask.shape[1] != cache.length + q_len:
             raise InputError(
@@ -269,7 +290,7 @@ class MoAIForCausalLM(nn.Module):
         return generate(self, input_ids, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> "MoAIForCausalLM":
+    def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> MoAIForCausalLM:
         """Load a MoAI checkpoint (local directory or Hub repo); see :func:`moai_sdk.modeling.loading.load_moai`."""
         from .loading import load_moai
 

@@ -28,7 +28,7 @@ OFFICIAL_SKIP_SUBSTRINGS = ("vision_tower", "vision_proj", "Plora_main", "moai",
 
 def _bnb():
     try:
-        import bitsandbytes as bnb  # noqa: F401
+        import bitsandbytes as bnb
     except ImportError as exc:
         raise DependencyError("quantization needs bitsandbytes and accelerate: pip install 'moai-sdk[quant]'") from exc
     return bnb
@@ -56,13 +56,24 @@ def replace_linears_for_quantization(model: nn.Module, mode: str, compute_dtype:
         old: nn.Linear = getattr(parent, child)
         bias = old.bias is not None
         if mode == "int8":
-            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta")
+            new = bnb.nn.Linear8bitLt(
+                old.in_features, old.out_features, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta"
+            )
         else:
             new = bnb.nn.Linear4bit(
-                old.in_features, old.out_features, bias=bias, compute_dtype=compute_dtype,
-                compress_statistics=True, quant_type="nf4", device="meta",
+                old.in_features,
+                old.out_features,
+                bias=bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
             )
-        if mode != "int8" and hasattr(new, "support_avx512bf16_for_cpu") and (old.in_features % 64 or old.out_features % 32):
+        if (
+            mode != "int8"
+            and hasattr(new, "support_avx512bf16_for_cpu")
+            and (old.in_features % 64 or old.out_features % 32)
+        ):
             # bitsandbytes' CPU weight repacking assumes whole 64-wide blocks; keep the generic kernel otherwise
             new.support_avx512bf16_for_cpu = False
         new.moai_quant_mode = "int8" if mode == "int8" else "nf4"
@@ -86,5 +97,11 @@ def quantized_module_names(model: nn.Module) -> dict[str, str]:
     return {n: m.moai_quant_mode for n, m in model.named_modules() if hasattr(m, "moai_quant_mode")}
 
 
-__all__ = ["QUANTIZATION_MODES", "OFFICIAL_SKIP_SUBSTRINGS", "select_linears", "replace_linears_for_quantization",
-           "quantize_linear_weight", "quantized_module_names"]
+__all__ = [
+    "QUANTIZATION_MODES",
+    "OFFICIAL_SKIP_SUBSTRINGS",
+    "select_linears",
+    "replace_linears_for_quantization",
+    "quantize_linear_weight",
+    "quantized_module_names",
+]

@@ -28,7 +28,9 @@ def interpolate_position_table(table: torch.Tensor, from_grid: int, to_grid: int
     if n == 1 + to_grid * to_grid:
         return table
     if n != 1 + from_grid * from_grid:
-        raise ValueError(f"position table has {n} rows; expected {1 + from_grid**2} (grid {from_grid}) or {1 + to_grid**2}")
+        raise ValueError(
+            f"position table has {n} rows; expected {1 + from_grid**2} (grid {from_grid}) or {1 + to_grid**2}"
+        )
     cls_row = table[:1]
     grid = table[1:].reshape(1, from_grid, from_grid, d).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(to_grid, to_grid), mode="bicubic", align_corners=False)

@@ -172,7 +172,7 @@ class DroppedObject:
     __slots__ = ("qualified_name",)
     _name = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "DroppedObject":
+    def __new__(cls, *args: Any, **kwargs: Any) -> DroppedObject:
         obj = object.__new__(cls)
         object.__setattr__(obj, "qualified_name", cls._name)
         return obj
@@ -196,7 +196,7 @@ class DroppedObject:
         return f"<dropped {self.qualified_name}>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _placeholder(module: str, name: str) -> type:
     return type("DroppedObject", (DroppedObject,), {"__slots__": (), "_name": f"{module}.{name}"})
 
@@ -295,8 +295,13 @@ def download_checkpoint(
     from ...hub import download
 
     return download(
-        repo_id, filename, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
-        local_files_only=local_files_only, token=token,
+        repo_id,
+        filename,
+        repo_type=repo_type,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
     )
 
 
@@ -356,8 +361,9 @@ def _write_safetensors(state_dict: Mapping[str, torch.Tensor], target: Path, met
             if os.path.exists(tmp):
                 os.remove(tmp)
     except OSError as exc:
-        logger.warning("could not cache the converted PSGTR weights at %s (%s); the next load re-reads the pickle",
-                       target, exc)
+        logger.warning(
+            "could not cache the converted PSGTR weights at %s (%s); the next load re-reads the pickle", target, exc
+        )
         return False
     return True
 

@@ -104,7 +104,9 @@ class PSGTRConfig:
 
     def __post_init__(self) -> None:
         if self.depth not in (18, 34, 50, 101):
-            raise ConfigError(f"PSGTR backbone depth must be 18, 34, 50 or 101 (the official model: 50); got {self.depth}")
+            raise ConfigError(
+                f"PSGTR backbone depth must be 18, 34, 50 or 101 (the official model: 50); got {self.depth}"
+            )
         if self.embed_dim < 128 or self.embed_dim % 128:
             raise ConfigError(f"embed_dim must be a multiple of 128 (the mask head's GroupNorms); got {self.embed_dim}")
         if self.embed_dim % self.num_heads or self.embed_dim % 2:
@@ -141,7 +143,7 @@ class PSGTRConfig:
         c = self.embed_dim
         return (c + self.num_heads, c // 2, c // 4, c // 8, c // 16)
 
-    def replace(self, **changes: Any) -> "PSGTRConfig":
+    def replace(self, **changes: Any) -> PSGTRConfig:
         """A copy with ``changes`` applied (unknown names raise :class:`ConfigError`)."""
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)

@@ -28,7 +28,15 @@ logger = logging.getLogger(__name__)
 #: Settings forwarded to :class:`PSGTRConfig` (pre/post-processing knobs; the architecture is fixed by the weights).
 #: Structure fields a non-official checkpoint may change (``architecture=`` setting; the official model and its
 #: label spaces keep the defaults).
-_ARCHITECTURE_FIELDS = ("depth", "num_queries", "embed_dim", "num_heads", "ffn_dim", "num_encoder_layers", "num_decoder_layers")
+_ARCHITECTURE_FIELDS = (
+    "depth",
+    "num_queries",
+    "embed_dim",
+    "num_heads",
+    "ffn_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+)
 
 _CONFIG_SETTINGS = (
     "scale",
