@@ -9,12 +9,23 @@ says what to do.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
+
+from huggingface_hub import constants, hf_hub_download, scan_cache_dir
+from huggingface_hub.errors import (
+    CacheNotFound,
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from .errors import CheckpointError, ConfigError
 
@@ -106,11 +117,25 @@ def is_repo_id(value: str) -> bool:
     return bool(_REPO_ID.match(value)) and value.count("/") <= 1
 
 
+def _options(
+    hub: HubOptions | Mapping[str, Any] | None,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    token: str | bool | None,
+    local_files_only: bool,
+) -> HubOptions:
+    """``hub`` with the legacy keywords folded in (a keyword that is given wins)."""
+    return HubOptions.from_any(
+        hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+    )
+
+
 def download(
     repo_id: str,
     filename: str,
     *,
     required: bool = True,
+    hub: HubOptions | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
@@ -119,19 +144,13 @@ def download(
 ) -> Path | None:
     """Local path of ``filename`` from a Hub repo (downloaded into the Hub cache unless already there).
 
-    A file the repo does not have -- or, offline, a file that is not cached -- gives ``None`` when
+    ``hub`` carries revision, cache folder, token and ``local_files_only``; the separate keywords still work and
+    override it. A file the repo does not have -- or, offline, a file that is not cached -- gives ``None`` when
     ``required=False`` and a :class:`CheckpointError` otherwise.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    no_network = offline(local_files_only)
+    opts = _options(hub, revision, cache_dir, token, local_files_only)
+    revision = opts.revision
+    no_network = opts.offline
     where = f"{repo_type + ' ' if repo_type else ''}{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         return Path(
@@ -139,8 +158,8 @@ def download(
                 repo_id,
                 filename,
                 revision=revision,
-                cache_dir=cache_dir,
-                token=token,
+                cache_dir=opts.cache_dir,
+                token=opts.token,
                 local_files_only=no_network,
                 repo_type=repo_type,
             )
@@ -184,12 +203,14 @@ def resolve_file(
     filename: str,
     *,
     required: bool = True,
+    hub: HubOptions | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
 ) -> Path | None:
-    """``filename`` inside a local model folder, or fetched from the Hub repo ``path_or_repo_id``."""
+    """``filename`` inside a local model folder, or fetched from the Hub repo ``path_or_repo_id`` (``hub`` and
+    the legacy keywords as in :func:`download`)."""
     source = os.fspath(path_or_repo_id)
     local = Path(source).expanduser()
     if local.is_dir():
@@ -206,14 +227,83 @@ def resolve_file(
             f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')"
         )
     return download(
-        source,
-        filename,
-        required=required,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
+        source, filename, required=required, hub=_options(hub, revision, cache_dir, token, local_files_only)
     )
 
 
-__all__ = ["HubOptions", "download", "resolve_file", "offline", "env_offline", "is_repo_id"]
+# ------------------------------------------------------------------------------------------------------------ weights
+
+#: Weight files in the order they are looked for: safetensors (a sharded index, then one file), else PyTorch ``.bin``.
+WEIGHT_FORMATS: tuple[tuple[str, str, str], ...] = (
+    ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+    ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def _shards(index_path: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read the weight index {str(index_path)!r}: {exc}") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{str(index_path)!r} has no 'weight_map'")
+    return sorted(set(weight_map.values()))
+
+
+def find_weights(path_or_repo_id: str | os.PathLike, *, hub: HubOptions | None = None) -> tuple[list[Path], str] | None:
+    """The weight files of a checkpoint (a local folder or a Hub repo) and their format: safetensors, else ``.bin``
+    (:data:`WEIGHT_FORMATS`); a sharded checkpoint gives every shard named by its index. ``None`` when there are
+    none. Only the files of the format found are downloaded."""
+    for fmt, index_name, single_name in WEIGHT_FORMATS:
+        index = resolve_file(path_or_repo_id, index_name, required=False, hub=hub)
+        if index is not None:
+            return [resolve_file(path_or_repo_id, shard, hub=hub) for shard in _shards(index)], fmt  # type: ignore[misc]
+        single = resolve_file(path_or_repo_id, single_name, required=False, hub=hub)
+        if single is not None:
+            return [single], fmt
+    return None
+
+
+# -------------------------------------------------------------------------------------------------------- the cache
+
+
+def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face Hub cache folder: ``cache_dir`` when given, else the default (``HF_HUB_CACHE`` / ``HF_HOME``)."""
+    return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+
+
+def scan_cache(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The repositories in the Hub cache folder, sorted by id: ``repo_id``, ``type``, ``size_bytes``, ``revisions``
+    (commit hashes) and ``refs`` (branch / tag names). An absent folder holds none."""
+    try:
+        info = scan_cache_dir(cache_path(cache_dir))
+    except CacheNotFound:
+        return []
+    repos = []
+    for repo in info.repos:
+        revisions = sorted(r.commit_hash for r in repo.revisions)
+        refs = sorted(ref for r in repo.revisions for ref in r.refs)
+        repos.append(
+            {
+                "repo_id": repo.repo_id,
+                "type": repo.repo_type,
+                "size_bytes": repo.size_on_disk,
+                "revisions": revisions,
+                "refs": refs,
+            }
+        )
+    return sorted(repos, key=lambda r: (r["repo_id"], r["type"]))
+
+
+__all__ = [
+    "HubOptions",
+    "download",
+    "resolve_file",
+    "find_weights",
+    "WEIGHT_FORMATS",
+    "cache_path",
+    "scan_cache",
+    "offline",
+    "env_offline",
+    "is_repo_id",
+]
