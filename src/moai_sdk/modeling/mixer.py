@@ -18,6 +18,10 @@ keys and never written back.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,84 @@ EXPERT_NAMES = (
 GATE_NAMES = ("moai_GA_img", "moai_GA_lang")
 
 _SOFTMAX_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+#: The experts each gate weighs, column by column (the official ``moai_GA_img`` / ``moai_GA_lang`` order).
+IMAGE_GATE_EXPERTS = EXPERT_NAMES[:3]  # image -> aux, image -> language, image self
+LANGUAGE_GATE_EXPERTS = EXPERT_NAMES[3:]  # language -> aux, language -> image, language self
+
+
+@dataclass
+class GateWeights:
+    """The softmax weights the two gates of one mixer layer applied during one prefill (detached, in the gate
+    softmax dtype: float16 for the released model).
+
+    * ``image`` [B, N_image, 3]: row j = the j-th image token; columns in the order of the official
+      ``moai_GA_img`` outputs: image->aux (``moai_CA_img_aux``), image->language (``moai_CA_img_lang``), image
+      self (``moai_SA_img``).
+    * ``language`` [B, N_text, 3]: row j = the j-th non-image position of the merged row, i.e. ``input_ids``
+      without its ``<image>`` token, left padding included; columns in the order of ``moai_GA_lang``:
+      language->aux, language->image, language self.
+    * ``image_mask`` [B, N_image], ``language_mask`` [B, N_text] (bool): True where the gate was applied.
+      Rows where the mask is False (left padding, or positions outside ``lang_mask``) are **masked**: they hold
+      zeros and must be ignored. ``image_mask`` is all True unless rows have different image-token counts.
+    """
+
+    layer: int
+    image: torch.Tensor
+    language: torch.Tensor
+    image_mask: torch.Tensor
+    language_mask: torch.Tensor
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean weights per row over the applied positions: (image [B, 3], language [B, 3]), float32."""
+        return _masked_mean(self.image, self.image_mask), _masked_mean(self.language, self.language_mask)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].float()
+    return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+_ACTIVE_RECORDER: ContextVar[GateRecorder | None] = ContextVar("moai_gate_recorder", default=None)
+
+
+class GateRecorder:
+    """Collects the gate weights of the mixers that run while :meth:`recording` is active.
+
+    The active recorder lives in a context variable, so concurrent forwards in other threads are not
+    recorded, and a mixer run with no recorder active pays one context-variable read.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @contextmanager
+    def recording(self) -> Iterator[GateRecorder]:
+        token = _ACTIVE_RECORDER.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE_RECORDER.reset(token)
+
+    def add(
+        self,
+        mixer: nn.Module,
+        image: torch.Tensor,
+        image_mask: torch.Tensor,
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+    ) -> None:
+        self._entries[id(mixer)] = (image.detach(), image_mask, language.detach(), language_mask)
+
+    def collect(self, mixers: Iterable[tuple[int, nn.Module]]) -> list[GateWeights]:
+        """One :class:`GateWeights` per (layer index, mixer) that ran, in the given (layer) order."""
+        out = []
+        for layer, mixer in mixers:
+            entry = self._entries.get(id(mixer))
+            if entry is not None:
+                image, image_mask, language, language_mask = entry
+                out.append(GateWeights(layer, image, language, image_mask, language_mask))
+        return out
 
 
 def _low_rank(dim: int, rank: int) -> nn.Sequential:
@@ -121,6 +203,10 @@ class MoAIMixer(nn.Module):
 
         g_img = self._gate(self.moai_GA_img, h_img)
         g_txt = self._gate(self.moai_GA_lang, h_txt)
+        recorder = _ACTIVE_RECORDER.get()
+        if recorder is not None:
+            image_mask = torch.ones(g_img.shape[:2], dtype=torch.bool, device=g_img.device)
+            recorder.add(self, g_img, image_mask, g_txt.masked_fill(~txt_valid[..., None], 0), txt_valid)
         new_img = (
             g_img[..., 0:1] * self.moai_CA_img_aux(h_img, aux)
             + g_img[..., 1:2] * self.moai_CA_img_lang(h_img, h_txt, txt_valid)
@@ -142,11 +228,15 @@ class MoAIMixer(nn.Module):
         """The official per-sample loop with masked indexing (slow; kept as the benchmark baseline)."""
         out = hidden.clone()
         aux = aux.to(hidden.dtype)
+        recorder = _ACTIVE_RECORDER.get()
+        gates = []
         for i in range(hidden.shape[0]):
             h_img = hidden[i][im_mask[i]]
             h_lang = hidden[i][lang_mask[i]]
             g_img = self._gate(self.moai_GA_img, h_img)
             g_lang = self._gate(self.moai_GA_lang, h_lang)
+            if recorder is not None:
+                gates.append((g_img, g_lang))
             new_img = (
                 g_img[..., 0:1] * self.moai_CA_img_aux.forward_reference(h_img, aux[i])
                 + g_img[..., 1:2] * self.moai_CA_img_lang.forward_reference(h_img, h_lang)
@@ -159,7 +249,43 @@ class MoAIMixer(nn.Module):
             )
             out[i][im_mask[i]] = new_img.to(out.dtype)
             out[i][lang_mask[i]] = new_lang.to(out.dtype)
+        if recorder is not None:
+            recorder.add(self, *_per_sample_gates(gates, im_mask, lang_mask))
         return out
 
 
-__all__ = ["MoAIMixer", "LowRankAttentionExpert", "EXPERT_NAMES", "GATE_NAMES"]
+def _per_sample_gates(
+    gates: list[tuple[torch.Tensor, torch.Tensor]], im_mask: torch.Tensor, lang_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference loop's per-sample gate rows laid out as :class:`GateWeights` (image, image_mask,
+    language, language_mask); rows shorter than the longest are padded at the end and masked."""
+    b = len(gates)
+    ref = gates[0][0]
+    not_img = ~im_mask
+    n_img = max(g.shape[0] for g, _ in gates)
+    n_txt = int(not_img.sum(-1).max())
+    image = ref.new_zeros(b, n_img, 3)
+    image_mask = torch.zeros(b, n_img, dtype=torch.bool, device=ref.device)
+    language = ref.new_zeros(b, n_txt, 3)
+    language_mask = torch.zeros(b, n_txt, dtype=torch.bool, device=ref.device)
+    for i, (g_img, g_lang) in enumerate(gates):
+        image[i, : g_img.shape[0]] = g_img
+        image_mask[i, : g_img.shape[0]] = True
+        valid = lang_mask[i][not_img[i]]  # language positions among the non-image positions of row i
+        rows = ref.new_zeros(valid.shape[0], 3)
+        rows[valid] = g_lang[not_img[i][lang_mask[i]]]
+        language[i, : valid.shape[0]] = rows
+        language_mask[i, : valid.shape[0]] = valid
+    return image, image_mask, language, language_mask
+
+
+__all__ = [
+    "MoAIMixer",
+    "LowRankAttentionExpert",
+    "EXPERT_NAMES",
+    "GATE_NAMES",
+    "IMAGE_GATE_EXPERTS",
+    "LANGUAGE_GATE_EXPERTS",
+    "GateWeights",
+    "GateRecorder",
+]
