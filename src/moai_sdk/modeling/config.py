@@ -38,6 +38,19 @@ DEFAULT_VISION_TOWER_ID = "openai/clip-vit-large-patch14-336"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+#: How the decoder computes attention: ``"sdpa"`` (PyTorch's fused kernel) or ``"eager"`` (explicit softmax).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def check_attn_implementation(name: str) -> str:
+    """``name`` if it is one of :data:`ATTN_IMPLEMENTATIONS`, else a :class:`~moai_sdk.ConfigError`.
+
+    The one check of the ``attn_implementation=`` setting, used by the model, the loader and the pipeline.
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation must be 'sdpa' or 'eager'; got {name!r}")
+    return name
+
 
 @dataclass
 class MoAIStructure:
@@ -222,4 +235,6 @@ __all__ = [
     "DEFAULT_VISION_TOWER_ID",
     "CLIP_MEAN",
     "CLIP_STD",
+    "ATTN_IMPLEMENTATIONS",
+    "check_attn_implementation",
 ]

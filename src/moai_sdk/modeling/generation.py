@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..devices import synchronize
 from ..errors import GenerationError
 from .internlm2 import KVCache
 
@@ -109,6 +110,8 @@ class GenerateOutput:
     step_logits: list[torch.Tensor] | None = None
     sequence_scores: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: With ``output_gates=True``: the prefill's mixer gate weights (see ``MoAIForCausalLM.forward``).
+    gate_weights: list | None = None
 
 
 # ---------------------------------------------------------------------------------------------- processors
@@ -169,12 +172,20 @@ def generate(
     ``num_beams``, ``length_penalty``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``stop``,
     ``seed``) or a ``generation_config``. ``stop`` strings need ``decode`` (ids -> text).
     ``streamer(ids)`` is called with each step's new token ids [B] (greedy / sampling only).
+    ``output_gates=True`` keeps the prefill's mixer gate weights in ``GenerateOutput.gate_weights``.
 
     Returns the prompt ids followed by the new ids, or a :class:`GenerateOutput` with ``return_dict=True``.
     """
     import time
 
-    forward_keys = ("aux_attention_mask", "aux_input_ids", "panoptic_pixel_values", "image_features", "compressed_aux")
+    forward_keys = (
+        "aux_attention_mask",
+        "aux_input_ids",
+        "panoptic_pixel_values",
+        "image_features",
+        "compressed_aux",
+        "output_gates",
+    )
     fwd_extra = {k: kwargs.pop(k) for k in forward_keys if k in kwargs}
     for k in ("mode", "use_cache", "image_token_index", "num_image_tokens"):
         kwargs.pop(k, None)
@@ -216,7 +227,7 @@ def generate(
     )
     logits = out.logits[:, -1].float()
     mask = out.attention_mask
-    _synchronize(device)  # so that the timings split prefill and decode on asynchronous devices too
+    synchronize(device)  # so that the timings split prefill and decode on asynchronous devices too
     timings = {"prefill": time.perf_counter() - t0}
 
     seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
@@ -238,7 +249,7 @@ def generate(
         )
         decoder.finish()
         scores = None
-    _synchronize(device)
+    synchronize(device)
     timings["decode"] = time.perf_counter() - t1
 
     width = max((len(r) for r in new), default=0)
@@ -256,12 +267,8 @@ def generate(
         step_logits=step_logits,
         sequence_scores=scores,
         timings=timings,
+        gate_weights=out.gate_weights,
     )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _hit_stop(decode, tokens: list[int], stops: Sequence[str]) -> bool:

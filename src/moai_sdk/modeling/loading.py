@@ -11,6 +11,10 @@
   so loading 7B weights never holds two copies.
 * A checkpoint without vision weights gets ``openai/clip-vit-large-patch14-336`` with its position table
   interpolated to 35 x 35; a checkpoint without the extra ``<image>`` embedding row gets one appended.
+
+The loader fills a model it is given: :meth:`MoAIForCausalLM.from_pretrained
+<moai_sdk.modeling.MoAIForCausalLM.from_pretrained>` finds the files (:func:`resolve_checkpoint`), builds the
+model on the meta device and hands it to :func:`load_weights_into`.
 """
 
 from __future__ import annotations
@@ -18,17 +22,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import pickle
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, MissingKeysError, UnsafeCheckpointError
-from ..hub import download, is_repo_id, offline
-from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig
-from .quantization import QUANTIZATION_MODES, quantize_linear_weight, replace_linears_for_quantization
+from ..hub import HubOptions, download, is_repo_id
+from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig, check_attn_implementation
+from .quantization import check_quantization, quantize_linear_weight, replace_linears_for_quantization
 from .vision import interpolate_position_table
 
 logger = logging.getLogger(__name__)
@@ -49,21 +59,25 @@ _BENIGN_UNEXPECTED_SUFFIXES = (".position_ids", ".inv_freq", ".cos_cached", ".si
 # ---------------------------------------------------------------------------------------------- locating files
 @dataclass
 class CheckpointFiles:
+    """Where a checkpoint's files are: its ``config.json`` contents and the weight files, in one format."""
+
     source: str
     directory: Path
     config: dict[str, Any]
     weight_files: list[Path]
     format: str  # "safetensors" | "bin"
     revision: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _shards_from_index(index_path: Path) -> list[str]:
@@ -74,58 +88,67 @@ def _shards_from_index(index_path: Path) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
+#: The order weights are looked for in: safetensors (sharded, then single file), else a PyTorch ``.bin``.
+_LAYOUTS = ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"), (BIN_INDEX, BIN_WEIGHTS, "bin"))
+
+
+def _locate_weights(fetch: Callable[[str, bool], Path | None]) -> tuple[list[Path], str] | None:
+    """The weight files and their format, asking ``fetch(name, required)`` for each candidate in :data:`_LAYOUTS`."""
+    for index_name, single_name, fmt in _LAYOUTS:
+        index_path = fetch(index_name, False)
+        if index_path is not None:
+            return [fetch(shard, True) for shard in _shards_from_index(index_path)], fmt
+        single = fetch(single_name, False)
+        if single is not None:
+            return [single], fmt
+    return None
+
+
+def _hub_fetcher(repo_id: str, hub: HubOptions) -> Callable[[str, bool], Path | None]:
+    return lambda name, required: download(repo_id, name, required=required, **hub.kwargs())
+
+
 def resolve_checkpoint(
     path_or_repo_id: str | os.PathLike,
     *,
+    hub: HubOptions | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
 ) -> CheckpointFiles:
-    """Find ``config.json`` and the weight files of a checkpoint (downloading only what is needed)."""
-    source = str(path_or_repo_id)
+    """Find ``config.json`` and the weight files of a checkpoint (downloading only what is needed).
+
+    ``hub`` carries the Hub settings; the four separate keywords still work and override it.
+    """
+    hub = HubOptions.from_any(
+        hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+    )
+    source = os.fspath(path_or_repo_id)
     local = Path(source).expanduser()
     if local.is_dir():
-        config_path = local / CONFIG_NAME
-        if not config_path.is_file():
+        if not (local / CONFIG_NAME).is_file():
             raise CheckpointError(f"{local} has no {CONFIG_NAME}; is it a MoAI checkpoint directory?")
-        config = _read_json(config_path)
-        if (local / SAFE_INDEX).is_file():
-            return CheckpointFiles(
-                source, local, config, [local / s for s in _shards_from_index(local / SAFE_INDEX)], "safetensors"
+        found = _locate_weights(lambda name, required: local / name if (local / name).is_file() or required else None)
+        if found is None:
+            raise CheckpointError(
+                f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
             )
-        if (local / SAFE_WEIGHTS).is_file():
-            return CheckpointFiles(source, local, config, [local / SAFE_WEIGHTS], "safetensors")
-        if (local / BIN_INDEX).is_file():
-            return CheckpointFiles(
-                source, local, config, [local / s for s in _shards_from_index(local / BIN_INDEX)], "bin"
-            )
-        if (local / BIN_WEIGHTS).is_file():
-            return CheckpointFiles(source, local, config, [local / BIN_WEIGHTS], "bin")
-        raise CheckpointError(
-            f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
-        )
+        return CheckpointFiles(source, local, _read_json(local / CONFIG_NAME), *found)
     if local.exists() or source.startswith((".", "/", "~")) or not is_repo_id(source):
         raise CheckpointError(
             f"{source!r} is not a directory; pass a checkpoint directory or a Hub repo id like 'BK-Lee/MoAI-7B'"
         )
-
-    kw = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-    config_path = download(source, CONFIG_NAME, **kw)
-    config = _read_json(config_path)
-    for index_name, single_name, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"), (BIN_INDEX, BIN_WEIGHTS, "bin")):
-        index_path = download(source, index_name, required=False, **kw)
-        if index_path is not None:
-            files = [download(source, shard, **kw) for shard in _shards_from_index(index_path)]
-            return CheckpointFiles(source, config_path.parent, config, files, fmt, revision)
-        single = download(source, single_name, required=False, **kw)
-        if single is not None:
-            return CheckpointFiles(source, config_path.parent, config, [single], fmt, revision)
-    raise CheckpointError(
-        f"no weights found for {source!r} (looked for {SAFE_INDEX}, {SAFE_WEIGHTS}, {BIN_INDEX}, {BIN_WEIGHTS}"
-        + (" in the local cache" if offline(local_files_only) else "")
-        + ")"
-    )
+    fetch = _hub_fetcher(source, hub)
+    config_path = fetch(CONFIG_NAME, True)
+    found = _locate_weights(fetch)
+    if found is None:
+        raise CheckpointError(
+            f"no weights found for {source!r} (looked for {SAFE_INDEX}, {SAFE_WEIGHTS}, {BIN_INDEX}, {BIN_WEIGHTS}"
+            + (" in the local cache" if hub.offline else "")
+            + ")"
+        )
+    return CheckpointFiles(source, config_path.parent, _read_json(config_path), *found, revision=hub.revision)
 
 
 # ---------------------------------------------------------------------------------------------- reading tensors
@@ -151,8 +174,6 @@ class WeightReader:
 
     @staticmethod
     def _safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as fh:
                 return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
@@ -176,8 +197,6 @@ class WeightReader:
         path = self._where[key]
         if self.files.format == "bin":
             return self._load_bin(path)[key]
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as fh:
                 return fh.get_tensor(key)
@@ -192,9 +211,6 @@ class WeightReader:
 
 def load_bin_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a PyTorch ``.bin`` state dict safely (``weights_only=True``: no arbitrary code runs)."""
-    import pickle
-    import zipfile
-
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
@@ -211,46 +227,6 @@ def load_bin_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return state
-
-
-# ---------------------------------------------------------------------------------------------- device / dtype
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"invalid device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return dev
-
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(f"unsupported dtype {dtype}; use float32, float16, bfloat16 or 'auto'")
-        return dtype
-    if str(dtype).replace("torch.", "") in _DTYPES:
-        return _DTYPES[str(dtype).replace("torch.", "")]
-    raise ConfigError(f"unsupported dtype {dtype!r}; use 'float32', 'float16', 'bfloat16' or 'auto'")
 
 
 # ---------------------------------------------------------------------------------------------- key planning
@@ -339,27 +315,17 @@ def _prepare(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
     return tensor.to(device)
 
 
-def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Weights of the CLIP vision tower from the Hub (its safetensors), position table interpolated."""
-    files = None
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        path = download(vision_id, name, required=False, **hub_kwargs)
-        if path is not None:
-            files = (name, path)
-            break
-    if files is None:
+def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub: HubOptions) -> dict[str, torch.Tensor]:
+    """Weights of the CLIP vision tower from the Hub (its safetensors, else ``.bin``), position table interpolated."""
+    found = _locate_weights(_hub_fetcher(vision_id, hub))
+    if found is None:
         raise CheckpointError(f"the checkpoint has no vision weights and {vision_id!r} has none to load either")
-    name, path = files
-    if name.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = load_bin_state_dict(path)
-    out = {}
-    for key, value in state.items():
-        if key.startswith("vision_model."):
-            out[VISION_PREFIX + key[len("vision_model.") :]] = value
+    files, fmt = found
+    reader = WeightReader(CheckpointFiles(vision_id, files[0].parent, {}, files, fmt))
+    out = {
+        VISION_PREFIX + k[len("vision_model.") :]: reader.get(k) for k in reader.keys() if k.startswith("vision_model.")
+    }
+    reader.release()
     if not out:
         raise CheckpointError(f"{vision_id!r} holds no 'vision_model.*' weights")
     s = config.structure
@@ -369,55 +335,31 @@ def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub_kwargs: dict[
     return out
 
 
-def load_moai(
-    path_or_repo_id: str | os.PathLike,
+def load_weights_into(
+    model: nn.Module,
+    reader: WeightReader,
     *,
-    dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device | None = "auto",
+    dtype: torch.dtype,
+    device: torch.device,
     quantization: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
     vision_tower: str = DEFAULT_VISION_TOWER_ID,
-    attn_implementation: str = "sdpa",
+    hub: HubOptions | None = None,
     progress: bool | None = None,
-):
-    """Load a MoAI checkpoint into :class:`~moai_sdk.modeling.MoAIForCausalLM`.
+) -> dict[str, Any]:
+    """Fill ``model`` (a MoAI model built on the meta device) with the checkpoint ``reader`` reads.
 
-    ``quantization``: ``None`` (all weights in ``dtype``), ``"nf4"`` (the LLM's main weights ``Plora_main`` in
-    4-bit NF4 with double quantization; vision, projector, LoRA branches, mixer, compressor, embeddings and
-    LM head stay in ``dtype``), ``"nf4-lora"`` (``"nf4"`` plus the PLoRA adapters), ``"int8"`` (the
-    ``"nf4"`` weights in LLM.int8), or ``"official"`` (what the official
-    loader's skip list quantizes: every linear whose name contains none of ``vision_tower, vision_proj,
-    Plora_main, moai, output`` -- in effect only the PLoRA adapters -- in NF4).
+    Every key is checked before a tensor is read; then each tensor is cast to ``dtype``, moved to ``device``
+    (and quantized, see :mod:`~moai_sdk.modeling.quantization`) one at a time. The vision tower comes from the
+    Hub repo ``vision_tower`` when the checkpoint has none (with ``hub``'s cache folder, token and offline
+    setting; its revision belongs to the checkpoint, not to the CLIP repo). Returns what was done:
+    ``quantized_modules``, ``vision_from`` and ``added_image_row``.
     """
-    from .moai import MoAIForCausalLM
-
-    if quantization not in QUANTIZATION_MODES:
-        raise ConfigError(f"quantization must be one of {list(QUANTIZATION_MODES)}, got {quantization!r}")
-    if attn_implementation not in ("sdpa", "eager"):
-        raise ConfigError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if quantization is not None and dt == torch.float32 and dev.type == "cuda":
-        logger.info("quantized weights compute in float32 on CUDA; dtype='float16' is faster")
-
-    files = resolve_checkpoint(
-        path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-    )
-    config = MoAIConfig.from_dict(files.config)
-    reader = WeightReader(files)
-
-    with torch.device("meta"):
-        model = MoAIForCausalLM(config)
+    check_quantization(quantization)
+    config: MoAIConfig = model.config
     plan = plan_load(model, reader, config)
-    quantized = replace_linears_for_quantization(model, quantization, compute_dtype=dt) if quantization else set()
-
-    hub_kwargs = dict(revision=None, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-    vision_state = _vision_tower_from_hub(config, vision_tower, hub_kwargs) if plan.load_vision_from_hub else {}
-
-    from tqdm.auto import tqdm
+    quantized = replace_linears_for_quantization(model, quantization, compute_dtype=dtype) if quantization else set()
+    vision_hub = HubOptions.from_any(hub).replace(revision=None)
+    vision_state = _vision_tower_from_hub(config, vision_tower, vision_hub) if plan.load_vision_from_hub else {}
 
     show = progress if progress is not None else len(plan.mapping) > 1000
     items = list(plan.mapping.items()) + [(k, None) for k in vision_state]
@@ -431,33 +373,22 @@ def load_moai(
             tensor = interpolate_position_table(tensor, s.vision_pos_interp_from_grid, s.vision_pos_interp_to_grid)
         module_name = key.rpartition(".")[0]
         if module_name in quantized and key.endswith(".weight"):
-            quantize_linear_weight(model.get_submodule(module_name), tensor, dt, dev)
+            quantize_linear_weight(model.get_submodule(module_name), tensor, dtype, device)
         else:
-            _set_tensor(model, key, _prepare(tensor, dt, dev))
+            _set_tensor(model, key, _prepare(tensor, dtype, device))
     reader.release()
 
     model.reset_buffers()
-    for layer in model.model.layers:
-        layer.attention.attn_implementation = attn_implementation
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftovers:
         raise CheckpointError(f"internal error: tensors left unloaded: {leftovers[:10]}")
     model.eval()
     model.requires_grad_(False)
-    model.load_info = {
-        "source": files.source,
-        "revision": revision,
-        "format": files.format,
-        "files": [str(p) for p in files.weight_files],
-        "dtype": str(dt).replace("torch.", ""),
-        "device": str(dev),
-        "quantization": quantization,
+    return {
         "quantized_modules": sorted(quantized),
         "vision_from": vision_tower if plan.load_vision_from_hub else "checkpoint",
         "added_image_row": plan.add_image_row,
     }
-    logger.info("loaded MoAI from %s (%s, %s, quantization=%s)", files.source, dt, dev, quantization)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -501,8 +432,6 @@ def save_moai(
     weight_map = {}
     for name, shard in zip(names, shards):
         if safe_serialization:
-            from safetensors.torch import save_file
-
             save_file(shard, str(out / name), metadata={"format": "pt"})
         else:
             torch.save(shard, out / name)
@@ -519,10 +448,12 @@ def save_moai(
 
 __all__ = [
     "CheckpointFiles",
+    "WeightReader",
     "resolve_checkpoint",
-    "load_moai",
+    "load_weights_into",
     "save_moai",
     "load_bin_state_dict",
+    "check_attn_implementation",
     "resolve_device",
     "resolve_dtype",
 ]

@@ -6,24 +6,34 @@ inputs our processor returns (``aux_input_ids``, ``aux_attention_mask``, ``panop
 it builds ``aux_embeds`` exactly as the official code does (word embeddings of the verbalization followed by the
 projected CLIP tokens of the panoptic colour map).
 
-This module does no I/O: loading lives in :mod:`moai_sdk.modeling.loading`, decoding in
-:mod:`moai_sdk.modeling.generation`.
+This module does no I/O itself: :meth:`MoAIForCausalLM.from_pretrained` builds the model and hands it to
+:func:`~moai_sdk.modeling.loading.load_weights_into`; decoding lives in :mod:`moai_sdk.modeling.generation`.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import InputError
+from ..hub import HubOptions
 from .compressor import PerceiverResampler
-from .config import MoAIConfig
+from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig, check_attn_implementation
+from .generation import GenerateOutput, generate
 from .internlm2 import InternLM2Model, KVCache
-from .mixer import MoAIMixer
+from .loading import WeightReader, load_weights_into, resolve_checkpoint, save_moai
+from .mixer import GateRecorder, GateWeights, MoAIMixer
+from .quantization import check_quantization
 from .vision import CLIPVisionTower, VisionProjector
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +46,9 @@ class MoAIOutput:
     image_features: torch.Tensor | None = None
     compressed_aux: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: With ``forward(output_gates=True)``: the gate weights of every mixer layer that ran, in layer order
+    #: (empty for a cached decoding step: generated tokens never reach the mixer); ``None`` otherwise.
+    gate_weights: list[GateWeights] | None = None
 
     @property
     def past_key_values(self) -> KVCache | None:
@@ -73,6 +86,16 @@ class MoAIForCausalLM(nn.Module):
     @property
     def mixers(self) -> list[MoAIMixer]:
         return [layer.attention.mixer for layer in self.model.layers if layer.attention.mixer is not None]
+
+    def set_attn_implementation(self, name: str) -> None:
+        """How every decoder layer computes attention: ``"sdpa"`` (default) or ``"eager"``."""
+        check_attn_implementation(name)
+        for layer in self.model.layers:
+            layer.attention.attn_implementation = name
+
+    def _mixers_by_layer(self) -> list[tuple[int, MoAIMixer]]:
+        layers = enumerate(self.model.layers)
+        return [(i, layer.attention.mixer) for i, layer in layers if layer.attention.mixer is not None]
 
     def set_mixer_mode(self, mode: str) -> None:
         """``"batched"`` (default) or ``"reference"`` (the official per-sample loop)."""
@@ -184,12 +207,15 @@ class MoAIForCausalLM(nn.Module):
         compressed_aux: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_logits_only: bool = False,
+        output_gates: bool = False,
         **official_kwargs: Any,
     ) -> MoAIOutput:
         """Prefill (``pixel_values`` or ``image_features`` given) or a cached decoding step (``cache`` given).
 
         ``aux_embeds`` is the official precomputed compressor input; alternatively pass ``aux_input_ids``
         (+ ``aux_attention_mask``) and ``panoptic_pixel_values``. ``compressed_aux`` skips the compressor.
+        ``output_gates=True`` returns the softmax weights the mixer gates applied in ``out.gate_weights`` (see
+        :class:`~moai_sdk.modeling.mixer.GateWeights`); it changes nothing else.
         """
         unknown = set(official_kwargs) - _OFFICIAL_IGNORED
         if unknown:
@@ -207,7 +233,9 @@ class MoAIForCausalLM(nn.Module):
 
         prefill = pixel_values is not None or image_features is not None
         if not prefill:
-            return self._decode_step(embeds, attention_mask, cache, last_logits_only)
+            out = self._decode_step(embeds, attention_mask, cache, last_logits_only)
+            out.gate_weights = [] if output_gates else None
+            return out
 
         if image_features is None:
             image_features = self.encode_images(pixel_values)
@@ -243,15 +271,17 @@ class MoAIForCausalLM(nn.Module):
         if cache is not None:
             if cache.length != 0:
                 raise InputError("a prefill needs an empty cache")
-        hidden = self.model(
-            merged,
-            attention_mask=merged_mask,
-            positions=positions,
-            im_mask=im_mask,
-            lang_mask=lang_mask,
-            aux=compressed_aux,
-            cache=cache,
-        )
+        recorder = GateRecorder() if output_gates else None
+        with recorder.recording() if recorder is not None else nullcontext():
+            hidden = self.model(
+                merged,
+                attention_mask=merged_mask,
+                positions=positions,
+                im_mask=im_mask,
+                lang_mask=lang_mask,
+                aux=compressed_aux,
+                cache=cache,
+            )
         if last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.output(hidden)
@@ -261,6 +291,7 @@ class MoAIForCausalLM(nn.Module):
             cache=cache,
             image_features=image_features,
             compressed_aux=compressed_aux,
+            gate_weights=None if recorder is None else recorder.collect(self._mixers_by_layer()),
         )
 
     def _decode_step(
@@ -281,26 +312,85 @@ class MoAIForCausalLM(nn.Module):
             hidden = hidden[:, -1:]
         return MoAIOutput(logits=self.output(hidden), attention_mask=attention_mask, cache=cache)
 
-    # ------------------------------------------------------------------ generation and loading entry points
-    def generate(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any):
+    # ------------------------------------------------------------------ generation, loading and saving
+    def generate(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> GenerateOutput:
         """Generate with a KV cache (positional order as the official: ``input_ids, pixel_values, aux_embeds,
         attention_mask, im_mask, lang_mask``); see :func:`moai_sdk.modeling.generation.generate`."""
-        from .generation import generate
-
         return generate(self, input_ids, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, **kwargs: Any) -> MoAIForCausalLM:
-        """Load a MoAI checkpoint (local directory or Hub repo); see :func:`moai_sdk.modeling.loading.load_moai`."""
-        from .loading import load_moai
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        quantization: str | None = None,
+        hub: HubOptions | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        vision_tower: str = DEFAULT_VISION_TOWER_ID,
+        attn_implementation: str = "sdpa",
+        progress: bool | None = None,
+    ) -> MoAIForCausalLM:
+        """Load a MoAI checkpoint (local directory or Hub repo) with the official key names.
 
-        return load_moai(path_or_repo_id, **kwargs)
+        ``hub`` carries the Hub settings (:class:`~moai_sdk.hub.HubOptions`); ``revision``, ``cache_dir``,
+        ``token`` and ``local_files_only`` still work and override it. ``dtype="auto"`` is float16 on CUDA and
+        float32 elsewhere. ``quantization``: ``None`` (all weights in ``dtype``), ``"nf4"`` (the LLM's main
+        weights ``Plora_main`` in 4-bit NF4 with double quantization; vision, projector, LoRA branches, mixer,
+        compressor, embeddings and LM head stay in ``dtype``), ``"nf4-lora"`` (``"nf4"`` plus the PLoRA
+        adapters), ``"int8"`` (the ``"nf4"`` weights in LLM.int8), or ``"official"`` (what the official loader's
+        skip list quantizes -- in effect only the PLoRA adapters -- in NF4); see
+        :mod:`~moai_sdk.modeling.quantization`. ``vision_tower`` is the Hub repo of the CLIP tower used when the
+        checkpoint has no vision weights.
+        """
+        check_quantization(quantization)
+        check_attn_implementation(attn_implementation)
+        hub = HubOptions.from_any(
+            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+        )
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if quantization is not None and dt == torch.float32 and dev.type == "cuda":
+            logger.info("quantized weights compute in float32 on CUDA; dtype='float16' is faster")
+        files = resolve_checkpoint(path_or_repo_id, hub=hub)
+        with torch.device("meta"):
+            model = cls(MoAIConfig.from_dict(files.config))
+        done = load_weights_into(
+            model,
+            WeightReader(files),
+            dtype=dt,
+            device=dev,
+            quantization=quantization,
+            vision_tower=vision_tower,
+            hub=hub,
+            progress=progress,
+        )
+        model.set_attn_implementation(attn_implementation)
+        model.load_info = {
+            "source": files.source,
+            "revision": hub.revision,
+            "format": files.format,
+            "files": [str(p) for p in files.weight_files],
+            "dtype": str(dt).replace("torch.", ""),
+            "device": str(dev),
+            "quantization": quantization,
+            **done,
+        }
+        logger.info("loaded MoAI from %s (%s, %s, quantization=%s)", files.source, dt, dev, quantization)
+        return model
 
-    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write ``config.json`` and the weights in the official layout; see :func:`moai_sdk.modeling.loading.save_moai`."""
-        from .loading import save_moai
-
         save_moai(self, directory, **kwargs)
+
+
+def load_moai(path_or_repo_id: str | os.PathLike, **kwargs: Any) -> MoAIForCausalLM:
+    """Load a MoAI checkpoint: the same as :meth:`MoAIForCausalLM.from_pretrained` (same keywords)."""
+    return MoAIForCausalLM.from_pretrained(path_or_repo_id, **kwargs)
 
 
 def _quant_state_bytes(state: Any) -> int:
@@ -315,4 +405,4 @@ def _quant_state_bytes(state: Any) -> int:
     return total
 
 
-__all__ = ["MoAIForCausalLM", "MoAIOutput"]
+__all__ = ["MoAIForCausalLM", "MoAIOutput", "load_moai"]

@@ -20,10 +20,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DependencyError
+from ..errors import ConfigError, DependencyError
 
 QUANTIZATION_MODES = (None, "nf4", "nf4-lora", "int8", "official")
 OFFICIAL_SKIP_SUBSTRINGS = ("vision_tower", "vision_proj", "Plora_main", "moai", "output")
+
+
+def check_quantization(mode: str | None) -> str | None:
+    """``mode`` if it is one of :data:`QUANTIZATION_MODES`, else a :class:`~moai_sdk.ConfigError`.
+
+    The one check of the ``quantization=`` setting, used by the loader and the pipeline alike.
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ConfigError(f"quantization must be one of {list(QUANTIZATION_MODES)}; got {mode!r}")
+    return mode
 
 
 def _bnb():
@@ -43,7 +53,7 @@ def select_linears(model: nn.Module, mode: str) -> list[str]:
         return [n for n in names if n.endswith(("Plora_main", "Plora_A", "Plora_B"))]
     if mode == "official":
         return [n for n in names if not any(s in n for s in OFFICIAL_SKIP_SUBSTRINGS)]
-    raise ValueError(mode)
+    raise ConfigError(f"quantization mode {mode!r} quantizes nothing; use one of {list(QUANTIZATION_MODES[1:])}")
 
 
 def replace_linears_for_quantization(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> set[str]:
@@ -100,6 +110,7 @@ def quantized_module_names(model: nn.Module) -> dict[str, str]:
 __all__ = [
     "QUANTIZATION_MODES",
     "OFFICIAL_SKIP_SUBSTRINGS",
+    "check_quantization",
     "select_linears",
     "replace_linears_for_quantization",
     "quantize_linear_weight",
