@@ -21,6 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from .cli_options import add_experts_option as _add_experts_option
+from .cli_options import add_generation_options as _add_generation_options
+from .cli_options import add_hub_options as _add_hub_options
+from .cli_options import add_model_options as _add_model_options
+from .cli_options import generation_kwargs
+from .cli_options import parse_experts as parse_experts
+from .cli_options import pipeline_from_args as _pipeline_from_args
 from .errors import ConfigError, InputError, MoAIError
 
 logger = logging.getLogger(__name__)
@@ -88,34 +95,6 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hub id or local checkpoint folder (default: BK-Lee/MoAI-7B)")
-    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    p.add_argument(
-        "--quantization",
-        default="nf4",
-        choices=["nf4", "nf4-lora", "int8", "official", "none"],
-        help="weight quantization (needs CUDA; ignored on CPU). Default: nf4",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-
-
-def _add_hub_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
-    p.add_argument("--local-files-only", action="store_true", help="never download; use cached files only")
-    p.add_argument("--token", default=None, help="Hugging Face token for private or gated repositories")
-
-
-def _add_experts_option(p: argparse.ArgumentParser, default: str = "default") -> None:
-    p.add_argument(
-        "--experts",
-        default=default,
-        help="'default' (mask2former, owlv2, psgtr, rapidocr), 'none', a comma list of names with optional "
-        "model ids (mask2former=/path,rapidocr) or a JSON object by task",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``moai`` argument parser."""
     from . import __version__
@@ -133,15 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_options(run)
     _add_experts_option(run)
     run.add_argument("--template", default="chat", choices=["chat", "demo"])
-    run.add_argument("--max-new-tokens", type=int, default=None)
-    run.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    run.add_argument("--temperature", type=float, default=None)
-    run.add_argument("--top-p", type=float, default=None)
-    run.add_argument("--top-k", type=int, default=None)
-    run.add_argument("--num-beams", type=int, default=None)
-    run.add_argument("--repetition-penalty", type=float, default=None)
-    run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    run.add_argument("--seed", type=int, default=None)
+    _add_generation_options(run)
     run.add_argument("--json", action="store_true", help="print the whole MoAIResult as JSON")
     run.add_argument("--stream", action="store_true", help="print the answer while it is generated")
     run.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
@@ -182,70 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def parse_experts(text: Optional[str]) -> Any:
-    """The ``--experts`` value as an ``experts=`` specification.
-
-    ``default`` -> ``"default"``; ``none`` / empty -> ``None``; ``{...}`` -> the JSON object; otherwise a comma
-    list of ``name`` or ``name=model_id`` items.
-    """
-    if text is None:
-        return "default"
-    value = text.strip()
-    if value.lower() == "default":
-        return "default"
-    if value.lower() in ("", "none", "off"):
-        return None
-    if value.startswith("{"):
-        try:
-            spec = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--experts is not valid JSON: {exc}") from exc
-        if not isinstance(spec, dict):
-            raise InputError("--experts JSON must be an object keyed by task or expert name")
-        return spec
-    items: list[Any] = []
-    for raw in value.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        name, sep, model_id = item.partition("=")
-        if sep:
-            if not name.strip() or not model_id.strip():
-                raise InputError(f"--experts item {item!r} must be NAME or NAME=MODEL_ID")
-            items.append({"name": name.strip(), "model_id": model_id.strip()})
-        else:
-            items.append(name)
-    return items or None
-
-
 def _check_image(path: str) -> str:
     if not Path(path).is_file():
         raise InputError(f"image file not found: {path!r}")
     return path
-
-
-def _pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
-    from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
-
-    kwargs: dict[str, Any] = dict(
-        device=args.device,
-        cache_dir=args.cache_dir,
-        local_files_only=args.local_files_only,
-        token=args.token,
-        experts=parse_experts(args.experts),
-    )
-    if with_model:
-        kwargs.update(
-            revision=args.revision,
-            dtype=args.dtype,
-            quantization=None if args.quantization == "none" else args.quantization,
-            template=args.template,
-        )
-        model = args.model or DEFAULT_MODEL_ID
-    else:
-        kwargs["quantization"] = None
-        model = DEFAULT_MODEL_ID
-    return MoAIPipeline.from_pretrained(model, **kwargs)
 
 
 def _write(text: str, stream: Any = None) -> None:
@@ -282,18 +193,7 @@ def _summary(result: Any) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     _check_image(args.image)
     pipe = _pipeline_from_args(args, with_model=True)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=True if args.do_sample else None,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        stop=args.stop,
-        seed=args.seed,
-    )
-    options = {k: v for k, v in options.items() if v is not None}
+    options = generation_kwargs(args)
     if args.stream:
         piece_stream = sys.stderr if args.json else sys.stdout
         result = None

@@ -1,0 +1,170 @@
+"""Command-line options shared by the ``moai`` commands that build a pipeline (``run``, ``batch``, ``serve``...).
+
+One definition of each option group, so every command spells ``--model``, ``--experts`` or ``--max-new-tokens``
+the same way, and one way to turn the parsed options into a :class:`~moai_sdk.pipeline.MoAIPipeline` and into
+generation keywords. ``moai_sdk.cli`` and the command modules of sub-packages (``moai_sdk.batch.cli``) import
+from here; this module imports nothing above the pipeline, so no command module needs to import ``moai_sdk.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Optional
+
+from .errors import InputError
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--revision``, ``--quantization``, ``--dtype``."""
+    p.add_argument("--model", default=None, help="Hub id or local checkpoint folder (default: BK-Lee/MoAI-7B)")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument(
+        "--quantization",
+        default="nf4",
+        choices=["nf4", "nf4-lora", "int8", "official", "none"],
+        help="weight quantization (needs CUDA; ignored on CPU). Default: nf4",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def add_hub_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and the Hugging Face Hub options."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    p.add_argument("--local-files-only", action="store_true", help="never download; use cached files only")
+    p.add_argument("--token", default=None, help="Hugging Face token for private or gated repositories")
+
+
+def add_experts_option(p: argparse.ArgumentParser, default: str = "default") -> None:
+    """``--experts``."""
+    p.add_argument(
+        "--experts",
+        default=default,
+        help="'default' (mask2former, owlv2, psgtr, rapidocr), 'none', a comma list of names with optional "
+        "model ids (mask2former=/path,rapidocr) or a JSON object by task",
+    )
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The generation options of ``moai run`` (``--max-new-tokens``, sampling, beams, stops, seed)."""
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def add_tiny_option(p: argparse.ArgumentParser) -> None:
+    """``--tiny DIR``: a tiny random MoAI (built in DIR, offline) instead of ``--model``."""
+    p.add_argument(
+        "--tiny",
+        default=None,
+        metavar="DIR",
+        help="use a tiny random MoAI built in DIR (offline, CPU, random answers) for demos and tests",
+    )
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation keywords of a pipeline call from options added by :func:`add_generation_options`
+    (options left unset are left out, so the pipeline's defaults apply)."""
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True if args.do_sample else None,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+    )
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def parse_experts(text: Optional[str]) -> Any:
+    """The ``--experts`` value as an ``experts=`` specification.
+
+    ``default`` -> ``"default"``; ``none`` / empty -> ``None``; ``{...}`` -> the JSON object; otherwise a comma
+    list of ``name`` or ``name=model_id`` items.
+    """
+    if text is None:
+        return "default"
+    value = text.strip()
+    if value.lower() == "default":
+        return "default"
+    if value.lower() in ("", "none", "off"):
+        return None
+    if value.startswith("{"):
+        try:
+            spec = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--experts is not valid JSON: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise InputError("--experts JSON must be an object keyed by task or expert name")
+        return spec
+    items: list[Any] = []
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, model_id = item.partition("=")
+        if sep:
+            if not name.strip() or not model_id.strip():
+                raise InputError(f"--experts item {item!r} must be NAME or NAME=MODEL_ID")
+            items.append({"name": name.strip(), "model_id": model_id.strip()})
+        else:
+            items.append(name)
+    return items or None
+
+
+def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
+    """Build the :class:`~moai_sdk.pipeline.MoAIPipeline` the parsed options describe.
+
+    With ``--tiny DIR`` (when the command has it) the pipeline is :func:`moai_sdk.testing.tiny_pipeline`; its
+    ``--experts default`` means the tiny random experts. ``with_model=False`` builds an experts-only pipeline
+    (``moai perceive``).
+    """
+    from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
+
+    tiny = getattr(args, "tiny", None)
+    if tiny:
+        from .testing import tiny_pipeline
+
+        experts = parse_experts(args.experts)
+        return tiny_pipeline(tiny, experts="tiny" if experts == "default" else experts)
+    kwargs: dict[str, Any] = dict(
+        device=args.device,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+        token=args.token,
+        experts=parse_experts(args.experts),
+    )
+    if with_model:
+        kwargs.update(
+            revision=args.revision,
+            dtype=args.dtype,
+            quantization=None if args.quantization == "none" else args.quantization,
+            template=args.template,
+        )
+        model = args.model or DEFAULT_MODEL_ID
+    else:
+        kwargs["quantization"] = None
+        model = DEFAULT_MODEL_ID
+    return MoAIPipeline.from_pretrained(model, **kwargs)
+
+
+__all__ = [
+    "add_model_options",
+    "add_hub_options",
+    "add_experts_option",
+    "add_generation_options",
+    "add_tiny_option",
+    "generation_kwargs",
+    "parse_experts",
+    "pipeline_from_args",
+]
