@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from .errors import InputError
+from .gates import MixerGates
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -680,6 +681,18 @@ class PerceptionResult(_Document):
 
     # --- combining ----------------------------------------------------------------------------------------
 
+    def without(self, *tasks: str) -> PerceptionResult:
+        """A copy with the outputs of ``tasks`` removed (as if their experts found nothing): their verbalization
+        parts become the official empty string, and without ``"segmentation"`` the panoptic map is blank."""
+        update: dict[str, Any] = {}
+        for task in tasks:
+            if task not in _TASK_FIELDS:
+                raise InputError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+            for name in _TASK_FIELDS[task]:
+                update[name] = [] if isinstance(getattr(self, name), list) else None
+        update["sources"] = {t: e for t, e in self.sources.items() if t not in tasks}
+        return self.model_copy(update=update)
+
     def merge(self, other: PerceptionResult) -> PerceptionResult:
         """Combine two results of the same image, each holding different tasks, into a new one.
 
@@ -747,7 +760,8 @@ class MoAIResult(_Document):
 
     ``text`` is the generated answer, ``prompt`` the user prompt, ``aux_text`` the verbalized perception the
     model saw, ``token_counts`` the sizes of the prompt / image / aux / generated parts, ``timings`` seconds
-    per stage, ``generation`` the generation settings used, ``new_token_ids`` the generated ids.
+    per stage, ``generation`` the generation settings used, ``new_token_ids`` the generated ids, ``mixer`` the
+    MoAI-Mixer's gate weights when asked (``return_gates=True``; see :class:`~moai_sdk.gates.MixerGates`).
     """
 
     text: str
@@ -761,9 +775,17 @@ class MoAIResult(_Document):
     seed: Optional[int] = None
     generation: dict[str, Any] = Field(default_factory=dict)
     new_token_ids: list[int] = Field(default_factory=list)
+    mixer: Optional[MixerGates] = None
 
     def __str__(self) -> str:
         return self.text
+
+    def plot_gates(self, title: Optional[str] = None, **kwargs: Any) -> PILImage.Image:
+        """Per mixer layer, the two gates' shares of their six experts for this answer (see
+        :meth:`MixerGates.plot`); the title defaults to the prompt."""
+        if self.mixer is None:
+            raise InputError("this result holds no gate weights; call the pipeline with return_gates=True")
+        return self.mixer.plot(title=self.prompt if title is None else title, **kwargs)
 
     def _perception(self) -> PerceptionResult:
         if self.perception is None:

@@ -41,10 +41,6 @@ GATE_NAMES = ("moai_GA_img", "moai_GA_lang")
 
 _SOFTMAX_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-#: The experts each gate weighs, column by column (the official ``moai_GA_img`` / ``moai_GA_lang`` order).
-IMAGE_GATE_EXPERTS = EXPERT_NAMES[:3]  # image -> aux, image -> language, image self
-LANGUAGE_GATE_EXPERTS = EXPERT_NAMES[3:]  # language -> aux, language -> image, language self
-
 
 @dataclass
 class GateWeights:
@@ -284,8 +280,6 @@ __all__ = [
     "LowRankAttentionExpert",
     "EXPERT_NAMES",
     "GATE_NAMES",
-    "IMAGE_GATE_EXPERTS",
-    "LANGUAGE_GATE_EXPERTS",
     "GateWeights",
     "GateRecorder",
 ]
