@@ -26,7 +26,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, MissingKeysError, UnsafeCheckpointError
-from ..hub import HubOptions, download, is_repo_id
+from ..hub import HubOptions, find_weights, is_repo_id, resolve_file
 from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig, check_attn_implementation
 from .quantization import check_quantization, quantize_linear_weight, replace_linears_for_quantization
 from .vision import interpolate_position_table
@@ -80,34 +80,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _shards_from_index(index_path: Path) -> list[str]:
-    index = _read_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path} has no 'weight_map'")
-    return sorted(set(weight_map.values()))
-
-
-#: The order weights are looked for in: safetensors (sharded, then single file), else a PyTorch ``.bin``.
-_LAYOUTS = ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"), (BIN_INDEX, BIN_WEIGHTS, "bin"))
-
-
-def _locate_weights(fetch: Callable[[str, bool], Path | None]) -> tuple[list[Path], str] | None:
-    """The weight files and their format, asking ``fetch(name, required)`` for each candidate in :data:`_LAYOUTS`."""
-    for index_name, single_name, fmt in _LAYOUTS:
-        index_path = fetch(index_name, False)
-        if index_path is not None:
-            return [fetch(shard, True) for shard in _shards_from_index(index_path)], fmt
-        single = fetch(single_name, False)
-        if single is not None:
-            return [single], fmt
-    return None
-
-
-def _hub_fetcher(repo_id: str, hub: HubOptions) -> Callable[[str, bool], Path | None]:
-    return lambda name, required: download(repo_id, name, required=required, **hub.kwargs())
-
-
 def resolve_checkpoint(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -119,7 +91,8 @@ def resolve_checkpoint(
 ) -> CheckpointFiles:
     """Find ``config.json`` and the weight files of a checkpoint (downloading only what is needed).
 
-    ``hub`` carries the Hub settings; the four separate keywords still work and override it.
+    ``hub`` carries the Hub settings; the four separate keywords still work and override it. The weights are
+    looked for as :func:`moai_sdk.hub.find_weights` does: safetensors (sharded or one file), else ``.bin``.
     """
     hub = HubOptions.from_any(
         hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
@@ -129,26 +102,20 @@ def resolve_checkpoint(
     if local.is_dir():
         if not (local / CONFIG_NAME).is_file():
             raise CheckpointError(f"{local} has no {CONFIG_NAME}; is it a MoAI checkpoint directory?")
-        found = _locate_weights(lambda name, required: local / name if (local / name).is_file() or required else None)
-        if found is None:
-            raise CheckpointError(
-                f"no weights in {local}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
-            )
-        return CheckpointFiles(source, local, _read_json(local / CONFIG_NAME), *found)
-    if local.exists() or source.startswith((".", "/", "~")) or not is_repo_id(source):
+    elif local.exists() or source.startswith((".", "/", "~")) or not is_repo_id(source):
         raise CheckpointError(
             f"{source!r} is not a directory; pass a checkpoint directory or a Hub repo id like 'BK-Lee/MoAI-7B'"
         )
-    fetch = _hub_fetcher(source, hub)
-    config_path = fetch(CONFIG_NAME, True)
-    found = _locate_weights(fetch)
+    config_path = resolve_file(source, CONFIG_NAME, hub=hub)
+    found = find_weights(source, hub=hub)
     if found is None:
         raise CheckpointError(
             f"no weights found for {source!r} (looked for {SAFE_INDEX}, {SAFE_WEIGHTS}, {BIN_INDEX}, {BIN_WEIGHTS}"
-            + (" in the local cache" if hub.offline else "")
+            + (" in the local cache" if hub.offline and not local.is_dir() else "")
             + ")"
         )
-    return CheckpointFiles(source, config_path.parent, _read_json(config_path), *found, revision=hub.revision)
+    revision = None if local.is_dir() else hub.revision
+    return CheckpointFiles(source, config_path.parent, _read_json(config_path), *found, revision=revision)
 
 
 # ---------------------------------------------------------------------------------------------- reading tensors
@@ -317,7 +284,7 @@ def _prepare(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
 
 def _vision_tower_from_hub(config: MoAIConfig, vision_id: str, hub: HubOptions) -> dict[str, torch.Tensor]:
     """Weights of the CLIP vision tower from the Hub (its safetensors, else ``.bin``), position table interpolated."""
-    found = _locate_weights(_hub_fetcher(vision_id, hub))
+    found = find_weights(vision_id, hub=hub)
     if found is None:
         raise CheckpointError(f"the checkpoint has no vision weights and {vision_id!r} has none to load either")
     files, fmt = found
@@ -354,7 +321,7 @@ def load_weights_into(
     setting; its revision belongs to the checkpoint, not to the CLIP repo). Returns what was done:
     ``quantized_modules``, ``vision_from`` and ``added_image_row``.
     """
-    check_quantization(quantization)
+    check_quantization(quantization, device)
     config: MoAIConfig = model.config
     plan = plan_load(model, reader, config)
     quantized = replace_linears_for_quantization(model, quantization, compute_dtype=dtype) if quantization else set()
