@@ -30,7 +30,7 @@ from moai_sdk.experts.scene_graph.checkpoint import load_into
 from moai_sdk.experts.scene_graph.config import PSGTRConfig
 from moai_sdk.experts.scene_graph.modeling import PSGTR
 from moai_sdk.experts.scene_graph.processing import postprocess, preprocess_image
-from moai_sdk.experts.scene_graph.synthetic import synthetic_state_dict
+from moai_sdk.testing import synthetic_state_dict
 
 from .run import PeakMemory, synchronize
 

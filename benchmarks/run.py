@@ -219,7 +219,7 @@ def prompts_for(batch: int) -> list[str]:
 def _tiny_experts(workdir: Path, names: Sequence[str], device: torch.device) -> list[Any]:
     """The tiny random Mask2Former / OWLv2 (calibrated like the full-size ones) and the real RapidOCR."""
     from moai_sdk.experts import create_expert
-    from moai_sdk.experts.tiny import build_tiny_mask2former, build_tiny_owlv2
+    from moai_sdk.testing import build_tiny_mask2former, build_tiny_owlv2
 
     from .shapes import calibrate_mask2former, calibrate_owlv2
 

@@ -465,7 +465,7 @@ def synthetic_psgtr_file(directory: str | Path) -> Path:
     """PSGTR's synthetic (seeded, meaningless) weights saved as ``psgtr-synthetic.safetensors`` in ``directory``."""
     from safetensors.torch import save_file
 
-    from moai_sdk.experts.scene_graph import synthetic_state_dict
+    from moai_sdk.testing import synthetic_state_dict
 
     path = Path(directory) / "psgtr-synthetic.safetensors"
     if not path.exists():

@@ -1,4 +1,5 @@
-"""The expert-output LRU cache: keys (image content x expert configuration), LRU order, counters, dedup."""
+"""The expert-output LRU cache (keys = image content x expert configuration, LRU order, counters) and the runner's
+cached prediction (only misses run the expert, duplicates run once)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from moai_sdk import ConfigError, ExpertError, InputError
 from moai_sdk.cache import ExpertCache, image_digest
-from moai_sdk.experts.base import Expert
+from moai_sdk.experts.base import Expert, predict_cached
 from moai_sdk.results import Box, Detection, PerceptionResult
 
 
@@ -55,9 +56,9 @@ def test_digest_depends_on_content_shape_and_dtype():
 def test_second_lookup_of_same_image_does_not_run_the_expert():
     cache = ExpertCache(8)
     exp = CountingDetector()
-    first = cache.predict(exp, [frame(10), frame(20)])
+    first = predict_cached(exp, [frame(10), frame(20)], cache)
     assert exp.frames_seen == 2
-    again = cache.predict(exp, [frame(20), frame(10)])  # same contents, other order, new tensors
+    again = predict_cached(exp, [frame(20), frame(10)], cache)  # same contents, other order, new tensors
     assert exp.frames_seen == 2 and exp.calls == 1
     assert again[0] is first[1] and again[1] is first[0]
     assert cache.stats.hits == 2 and cache.stats.misses == 2 and len(cache) == 2
@@ -67,8 +68,8 @@ def test_second_lookup_of_same_image_does_not_run_the_expert():
 def test_only_misses_are_computed_in_one_batch():
     cache = ExpertCache(8)
     exp = CountingDetector()
-    cache.predict(exp, [frame(1)])
-    out = cache.predict(exp, [frame(1), frame(2), frame(3)])
+    predict_cached(exp, [frame(1)], cache)
+    out = predict_cached(exp, [frame(1), frame(2), frame(3)], cache)
     assert exp.calls == 2 and exp.frames_seen == 3
     assert [round(r.detections[0].score * 255) for r in out] == [1, 2, 3]
 
@@ -76,10 +77,10 @@ def test_only_misses_are_computed_in_one_batch():
 def test_identical_frames_in_one_call_run_once_even_when_cache_is_off():
     cache = ExpertCache(0)
     exp = CountingDetector()
-    out = cache.predict(exp, [frame(5), frame(5), frame(6)])
+    out = predict_cached(exp, [frame(5), frame(5), frame(6)], cache)
     assert exp.frames_seen == 2
     assert out[0] is out[1]
-    cache.predict(exp, [frame(5)])
+    predict_cached(exp, [frame(5)], cache)
     assert exp.frames_seen == 3  # nothing was kept
     assert len(cache) == 0 and not cache.enabled
 
@@ -88,31 +89,31 @@ def test_settings_model_id_and_revision_are_part_of_the_key():
     cache = ExpertCache(8)
     base, scaled = CountingDetector(), CountingDetector(scale=2.0)
     other_model, other_rev = CountingDetector(model_id="a/b"), CountingDetector(revision="v2")
-    r1 = cache.predict(base, [frame(100)])[0]
-    r2 = cache.predict(scaled, [frame(100)])[0]
-    cache.predict(other_model, [frame(100)])
-    cache.predict(other_rev, [frame(100)])
+    r1 = predict_cached(base, [frame(100)], cache)[0]
+    r2 = predict_cached(scaled, [frame(100)], cache)[0]
+    predict_cached(other_model, [frame(100)], cache)
+    predict_cached(other_rev, [frame(100)], cache)
     assert scaled.frames_seen == other_model.frames_seen == other_rev.frames_seen == 1
     assert r2.detections[0].score == pytest.approx(2 * r1.detections[0].score)
     assert len(cache) == 4
     # an equal configuration shares the entry
     twin = CountingDetector()
-    assert cache.predict(twin, [frame(100)])[0] is r1
+    assert predict_cached(twin, [frame(100)], cache)[0] is r1
     assert not twin.is_loaded  # a full hit never loads the model
 
 
 def test_lru_evicts_least_recently_used():
     cache = ExpertCache(2)
     exp = CountingDetector()
-    cache.predict(exp, [frame(1)])
-    cache.predict(exp, [frame(2)])
-    cache.predict(exp, [frame(1)])  # touch 1: now 2 is the oldest
-    cache.predict(exp, [frame(3)])  # evicts 2
+    predict_cached(exp, [frame(1)], cache)
+    predict_cached(exp, [frame(2)], cache)
+    predict_cached(exp, [frame(1)], cache)  # touch 1: now 2 is the oldest
+    predict_cached(exp, [frame(3)], cache)  # evicts 2
     assert cache.stats.evictions == 1 and len(cache) == 2
     seen = exp.frames_seen
-    cache.predict(exp, [frame(1)])
+    predict_cached(exp, [frame(1)], cache)
     assert exp.frames_seen == seen
-    cache.predict(exp, [frame(2)])
+    predict_cached(exp, [frame(2)], cache)
     assert exp.frames_seen == seen + 1
 
 
@@ -120,14 +121,14 @@ def test_failures_propagate_and_store_nothing():
     cache = ExpertCache(4)
     exp = CountingDetector(fail=True)
     with pytest.raises(ExpertError, match="backend exploded"):
-        cache.predict(exp, [frame(1)])
+        predict_cached(exp, [frame(1)], cache)
     assert len(cache) == 0
 
 
 def test_put_get_clear_and_validation():
     cache = ExpertCache(3)
     exp = CountingDetector()
-    res = cache.predict(exp, [frame(9)])[0]
+    res = predict_cached(exp, [frame(9)], cache)[0]
     key = ExpertCache.make_key(exp, image_digest(frame(9)))
     assert key in cache and cache.get(key) is res
     cache.clear()
@@ -135,9 +136,28 @@ def test_put_get_clear_and_validation():
     with pytest.raises(InputError):
         cache.put(key, "not a result")
     with pytest.raises(InputError, match="digests"):
-        cache.predict(exp, [frame(1)], digests=["a", "b"])
+        predict_cached(exp, [frame(1)], cache, digests=["a", "b"])
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(ConfigError):
             ExpertCache(bad)
     assert "hits=" in repr(cache)
-    assert cache.predict(exp, []) == []
+    assert predict_cached(exp, [], cache) == []
+
+
+def test_cache_is_a_plain_lru_that_imports_no_experts():
+    """The cache stores results under any (expert key, digest); it neither runs nor imports experts."""
+    import ast
+    import inspect
+
+    import moai_sdk.cache as cache_module
+
+    tree = ast.parse(inspect.getsource(cache_module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any("experts" in name for name in imported), imported
+    cache = ExpertCache(2)
+    exp = CountingDetector()
+    result = exp.make_result(frame(3), detections=[])
+    key = ExpertCache.make_key(exp.cache_key(), "digest-3")
+    assert key == ExpertCache.make_key(exp, "digest-3")
+    cache.put(key, result)
+    assert cache.get(key) is result and not exp.is_loaded

@@ -172,13 +172,12 @@ class FakeHub:
 
 @pytest.mark.parametrize("with_vision", [True, False])
 def test_download_fetches_model_and_expert_weights(tiny_root, tmp_path, monkeypatch, capsys, with_vision):
-    import huggingface_hub
-
     from moai_sdk import cli
+    from moai_sdk import hub as hub_module
 
     hub = FakeHub(tmp_path, tiny_root / "moai", with_vision)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(hub_module, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(hub_module, "hf_hub_download", hub.hf_hub_download)
     status = cli.main(
         ["download", "--cache-dir", str(tmp_path / "cache"), "--json", "--experts", "mask2former,owlv2,psgtr,rapidocr"]
     )

@@ -14,7 +14,7 @@ from conftest import random_frames as frames
 from moai_sdk.errors import ConfigError, ExpertError
 from moai_sdk.experts import available_experts, create_expert
 from moai_sdk.experts.detection import Owlv2Expert, detections_result, official_queries
-from moai_sdk.experts.tiny import build_tiny_owlv2
+from moai_sdk.testing import build_tiny_owlv2
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from moai_sdk.experts.scene_graph.checkpoint import (
 )
 from moai_sdk.experts.scene_graph.config import OFFICIAL_FILENAME, OFFICIAL_REPO_ID
 from moai_sdk.experts.scene_graph.modeling import PSGTR
-from moai_sdk.experts.scene_graph.synthetic import synthetic_state_dict
+from moai_sdk.testing import synthetic_state_dict
 
 GOLDEN = Path(__file__).parent / "fixtures" / "psgtr-golden"
 

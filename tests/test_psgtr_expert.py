@@ -8,7 +8,8 @@ import torch
 
 from moai_sdk.errors import CheckpointError, ConfigError
 from moai_sdk.experts import Perception, available_experts, create_expert
-from moai_sdk.experts.scene_graph import PSGTRExpert, prediction_to_fields, synthetic_state_dict
+from moai_sdk.experts.scene_graph import PSGTRExpert, prediction_to_fields
+from moai_sdk.testing import synthetic_state_dict
 from moai_sdk.results import PerceptionResult
 from moai_sdk.verbalization import verbalize_scene_graph
 
@@ -170,11 +171,11 @@ def test_cuda_matches_cpu(weights_file, frames):
 
 
 def test_tiny_psgtr_runs_through_the_expert(tmp_path):
-    """The tiny ResNet-18 PSGTR of moai_sdk.experts.tiny loads through the same expert and returns typed results;
+    """The tiny ResNet-18 PSGTR of moai_sdk.testing loads through the same expert and returns typed results;
     an unknown architecture field is refused."""
     from moai_sdk.errors import ConfigError
     from moai_sdk.experts import create_expert
-    from moai_sdk.experts.tiny import build_tiny_psgtr, tiny_psgtr_settings
+    from moai_sdk.testing import build_tiny_psgtr, tiny_psgtr_settings
 
     weights = build_tiny_psgtr(tmp_path / "psgtr.safetensors", seed=0)
     expert = create_expert("psgtr", model_id=str(weights), device="cpu", **tiny_psgtr_settings())

@@ -15,7 +15,7 @@ from moai_sdk.experts.scene_graph.checkpoint import load_into
 from moai_sdk.experts.scene_graph.config import INSTANCE_OFFSET, PSGTRConfig
 from moai_sdk.experts.scene_graph.modeling import PSGTR, sine_position_encoding
 from moai_sdk.experts.scene_graph.processing import postprocess, preprocess_image
-from moai_sdk.experts.scene_graph.synthetic import synthetic_state_dict
+from moai_sdk.testing import synthetic_state_dict
 
 GOLDEN = Path(__file__).parent / "fixtures" / "psgtr-golden"
 

@@ -33,7 +33,7 @@ import torch
 from moai_sdk.experts.scene_graph.checkpoint import load_into
 from moai_sdk.experts.scene_graph.modeling import PSGTR, sine_position_encoding
 from moai_sdk.experts.scene_graph.processing import preprocess_image
-from moai_sdk.experts.scene_graph.synthetic import synthetic_state_dict
+from moai_sdk.testing import synthetic_state_dict
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "psgtr-golden"
 

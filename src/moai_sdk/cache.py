@@ -7,9 +7,9 @@ An entry is one expert's :class:`~moai_sdk.results.PerceptionResult` for one ima
 * :meth:`Expert.cache_key() <moai_sdk.experts.base.Expert.cache_key>`: the expert's name, model id, revision and
   settings, so changing a threshold or a checkpoint never returns stale results.
 
-:meth:`ExpertCache.predict` is the one entry point the pipeline uses: it looks every frame up, runs the
-expert once on the frames it has not seen (as one batch) and stores what came back. The cache is thread-safe;
-``max_size=0`` turns it off (every call runs the expert).
+The cache only stores and returns results: the :class:`~moai_sdk.experts.base.Perception` runner looks every
+frame up, runs the expert once on the frames it has not seen (as one batch) and stores what came back
+(:func:`moai_sdk.experts.base.predict_cached`). The cache is thread-safe; ``max_size=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Any, Optional, Union
 
 import torch
 
 from .errors import ConfigError, InputError
 from .results import PerceptionResult
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .experts.base import Expert
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +84,13 @@ class ExpertCache:
         return self.max_size > 0
 
     @staticmethod
-    def make_key(expert: Expert, digest: str) -> tuple[str, str]:
-        """The key of ``expert``'s output for the image whose :func:`image_digest` is ``digest``."""
-        return (expert.cache_key(), digest)
+    def make_key(expert: Union[str, Any], digest: str) -> tuple[str, str]:
+        """The key of an expert's output for the image whose :func:`image_digest` is ``digest``.
+
+        ``expert`` is the expert's configuration key (:meth:`Expert.cache_key() <moai_sdk.experts.base.Expert.cache_key>`)
+        or any object with a ``cache_key()`` method.
+        """
+        return (expert if isinstance(expert, str) else expert.cache_key(), digest)
 
     def get(self, key: tuple[str, str]) -> Optional[PerceptionResult]:
         """The stored result (marked most recently used), or ``None``; counts a hit or a miss."""
@@ -136,40 +137,6 @@ class ExpertCache:
     def __repr__(self) -> str:
         s = self.stats
         return f"ExpertCache(size={s.size}/{s.max_size}, hits={s.hits}, misses={s.misses})"
-
-    # --- running an expert through the cache ----------------------------------------------------------------
-
-    def predict(
-        self, expert: Expert, frames: Sequence[torch.Tensor], digests: Optional[Sequence[str]] = None
-    ) -> list[PerceptionResult]:
-        """``expert.predict(frames)``, answering the frames seen before from the cache.
-
-        The expert runs at most once, on the frames that missed (in their order); identical frames inside one
-        call are computed once even when the cache is off. ``digests`` may pass precomputed
-        :func:`image_digest` values. Errors of the expert propagate and nothing is stored for that call.
-        """
-        frames = list(frames)
-        if not frames:
-            return []
-        if digests is None:
-            digests = [image_digest(f) for f in frames]
-        elif len(digests) != len(frames):
-            raise InputError(f"got {len(digests)} digests for {len(frames)} frames")
-        keys = [self.make_key(expert, d) for d in digests]
-        out: list[Optional[PerceptionResult]] = [self.get(k) if self.enabled else None for k in keys]
-        todo: dict[tuple[str, str], list[int]] = {}
-        for i, (key, res) in enumerate(zip(keys, out, strict=True)):
-            if res is None:
-                todo.setdefault(key, []).append(i)
-        if todo:
-            first = [positions[0] for positions in todo.values()]
-            fresh = expert.predict([frames[i] for i in first])
-            for (key, positions), result in zip(todo.items(), fresh, strict=True):
-                self.put(key, result)
-                for i in positions:
-                    out[i] = result
-            logger.debug("expert %s: %d of %d images computed", expert.name, len(first), len(frames))
-        return [r for r in out if r is not None]
 
 
 __all__ = ["ExpertCache", "CacheStats", "image_digest", "DEFAULT_CACHE_SIZE"]

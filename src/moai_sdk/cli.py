@@ -29,6 +29,8 @@ from .cli_options import generation_kwargs
 from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
 from .errors import ConfigError, InputError, MoAIError
+from .experts.weights import TRANSFORMERS_BIN_PATTERNS, TRANSFORMERS_FILE_PATTERNS
+from .hub import HubOptions, download_first, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +47,10 @@ MODEL_FILE_PATTERNS = (
     "special_tokens_map.json",
 )
 MODEL_BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
-#: Files of a transformers expert repository (Mask2Former, OWLv2): configs, processor files, weights.
-EXPERT_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
-EXPERT_BIN_PATTERNS = ("pytorch_model*.bin",)
-#: Experts loaded with transformers ``from_pretrained`` from a Hub repository.
-_TRANSFORMERS_EXPERTS = frozenset({"mask2former", "owlv2"})
-#: Experts whose models ship inside their Python package.
-_BUNDLED_EXPERTS = frozenset({"rapidocr"})
+#: Files of a transformers expert repository (kept here for compatibility; each expert now says what it fetches:
+#: :meth:`moai_sdk.experts.Expert.download_plan`).
+EXPERT_FILE_PATTERNS = TRANSFORMERS_FILE_PATTERNS
+EXPERT_BIN_PATTERNS = TRANSFORMERS_BIN_PATTERNS
 
 # Packages reported by ``moai info`` (distribution names).
 _PACKAGES = (
@@ -242,10 +241,6 @@ def cmd_perceive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_safetensors(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors"))
-
-
 def _checkpoint_has_vision(folder: Path) -> bool:
     """Whether the downloaded MoAI checkpoint in ``folder`` carries the CLIP tower weights."""
     from .modeling.loading import VISION_PREFIX, WeightReader, resolve_checkpoint
@@ -258,11 +253,18 @@ def _checkpoint_has_vision(folder: Path) -> bool:
 
 
 def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -> list[dict[str, Any]]:
-    """What ``moai download`` fetches: one entry per component with its repository and file patterns."""
-    from .modeling.config import DEFAULT_VISION_TOWER_ID
-    from .pipeline import resolve_experts
+    """What ``moai download`` fetches: one entry per component with its repository and file patterns.
 
-    plan: list[dict[str, Any]] = [
+    The model and its CLIP tower are described here; each expert describes itself
+    (:meth:`~moai_sdk.experts.Expert.download_plan`).
+    """
+    return _model_plan(model, revision) + [exp.download_plan() for exp in _experts(experts).values()]
+
+
+def _model_plan(model: str, revision: Optional[str]) -> list[dict[str, Any]]:
+    from .modeling.config import DEFAULT_VISION_TOWER_ID
+
+    return [
         {
             "component": "model",
             "repo_id": model,
@@ -280,60 +282,23 @@ def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -
             "when": "the checkpoint has no vision weights",
         },
     ]
-    for task, exp in resolve_experts(experts, device="cpu").items():
-        entry: dict[str, Any] = {
-            "component": f"expert.{exp.name}",
-            "task": task,
-            "repo_id": exp.model_id,
-            "revision": exp.revision,
-        }
-        mid = exp.model_id
-        if exp.name in _BUNDLED_EXPERTS and mid is None:
-            entry["method"] = "bundled"
-        elif mid is not None and Path(str(mid)).expanduser().exists():
-            entry["method"] = "local"
-        elif exp.name in _TRANSFORMERS_EXPERTS and isinstance(mid, str) and mid.count("/") == 1:
-            entry.update(
-                method="snapshot",
-                allow_patterns=list(EXPERT_FILE_PATTERNS),
-                fallback_patterns=list(EXPERT_BIN_PATTERNS),
-            )
-        elif isinstance(mid, str) and mid.count("/") == 1 and exp.settings.get("filename"):
-            # one weight file of a Hub repository (PSGTR: a file of the official Space)
-            entry.update(method="file", filenames=[exp.settings["filename"]], repo_type=exp.settings.get("repo_type"))
-        else:
-            entry["method"] = "load"  # the backend fetches its own files when the expert loads
-        plan.append(entry)
-    return plan
 
 
-def _snapshot(entry: dict[str, Any], hub: dict[str, Any]) -> Path:
-    from huggingface_hub import snapshot_download
+def _experts(spec: Any, hub: Optional[HubOptions] = None) -> dict[str, Any]:
+    from .pipeline import resolve_experts
 
-    folder = Path(
-        snapshot_download(
-            entry["repo_id"], revision=entry.get("revision"), allow_patterns=entry["allow_patterns"], **hub
-        )
-    )
-    if not _has_safetensors(folder) and entry.get("fallback_patterns"):
-        logger.info("%s has no safetensors weights; fetching the .bin files", entry["repo_id"])
-        folder = Path(
-            snapshot_download(
-                entry["repo_id"], revision=entry.get("revision"), allow_patterns=entry["fallback_patterns"], **hub
-            )
-        )
-    return folder
+    return resolve_experts(spec, device="cpu", hub=hub or HubOptions())
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .pipeline import DEFAULT_MODEL_ID, resolve_experts
+    from .pipeline import DEFAULT_MODEL_ID
 
     model = args.model or DEFAULT_MODEL_ID
     if Path(model).expanduser().exists():
         raise InputError(f"{model!r} is a local folder; moai download fetches Hub repositories")
     experts = parse_experts(args.experts)
-    plan = download_plan(model, experts, revision=args.revision)
     if args.dry_run:
+        plan = download_plan(model, experts, revision=args.revision)
         if args.json:
             _write(json.dumps({"plan": plan}, indent=2) + "\n")
         else:
@@ -342,67 +307,56 @@ def cmd_download(args: argparse.Namespace) -> int:
                 _write(f"{entry['component']}: {entry['method']} {entry['repo_id'] or ''} {what}\n")
         return 0
 
-    hub: dict[str, Any] = {}
-    if args.cache_dir:
-        hub["cache_dir"] = args.cache_dir
-    if args.token:
-        hub["token"] = args.token
-    done: list[dict[str, Any]] = []
-    expert_objects = resolve_experts(experts, device="cpu", **hub)
-    by_component = {f"expert.{e.name}": e for e in expert_objects.values()}
-    model_folder: Optional[Path] = None
-    for entry in plan:
-        component, method = entry["component"], entry["method"]
-        status: dict[str, Any] = {"component": component, "method": method, "repo_id": entry.get("repo_id")}
-        try:
-            if method == "snapshot":
-                folder = _snapshot(entry, hub)
-                status["path"] = str(folder)
-                if component == "model":
-                    model_folder = folder
-            elif component == "vision_tower":
-                if model_folder is not None and _checkpoint_has_vision(model_folder):
-                    status["method"] = "skipped"
-                    status["reason"] = "the checkpoint holds the vision weights"
-                else:
-                    status["path"] = str(_fetch_first_file(entry, hub))
-            elif method == "file":
-                status["path"] = str(_fetch_first_file(entry, hub))
-            elif method == "load":
-                exp = by_component[component]
-                exp.load("cpu")
-                exp.unload()
-            # "bundled" and "local": nothing to fetch
-        except MoAIError:
-            raise
-        except Exception as exc:  # huggingface_hub raises many unrelated types; report which component failed
-            raise MoAIError(
-                f"downloading {component} ({entry.get('repo_id')}) failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        done.append(status)
-        if not args.json:
-            where = status.get("path") or status.get("reason") or method
-            _write(f"{component}: {where}\n")
+    hub = HubOptions(cache_dir=args.cache_dir, token=args.token or None)
+    done = _download_model(model, args.revision, hub, report=not args.json)
+    for exp in _experts(experts, hub).values():
+        done.append(_fetch(exp.download_plan(), exp.prefetch, report=not args.json))
     if args.json:
         _write(json.dumps({"downloaded": done}, indent=2) + "\n")
     return 0
 
 
-def _fetch_first_file(entry: dict[str, Any], hub: dict[str, Any]) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+def _download_model(model: str, revision: Optional[str], hub: HubOptions, *, report: bool) -> list[dict[str, Any]]:
+    """Fetch the MoAI checkpoint, then the CLIP tower unless the checkpoint holds the vision weights."""
+    model_entry, vision_entry = _model_plan(model, revision)
+    folders: list[Path] = []
 
-    last: Optional[Exception] = None
-    for name in entry["filenames"]:
-        try:
-            return Path(
-                hf_hub_download(
-                    entry["repo_id"], name, revision=entry.get("revision"), repo_type=entry.get("repo_type"), **hub
-                )
+    def fetch_model() -> dict[str, Any]:
+        folders.append(
+            snapshot(
+                model,
+                model_entry["allow_patterns"],
+                model_entry["fallback_patterns"],
+                hub=hub.replace(revision=revision),
             )
-        except EntryNotFoundError as exc:
-            last = exc
-    raise MoAIError(f"{entry['repo_id']} has none of {entry['filenames']}: {last}")
+        )
+        return {"path": str(folders[0])}
+
+    def fetch_vision() -> dict[str, Any]:
+        if _checkpoint_has_vision(folders[0]):
+            return {"method": "skipped", "reason": "the checkpoint holds the vision weights"}
+        return {"path": str(download_first(vision_entry["repo_id"], vision_entry["filenames"], hub=hub))}
+
+    return [_fetch(model_entry, fetch_model, report=report), _fetch(vision_entry, fetch_vision, report=report)]
+
+
+def _fetch(entry: dict[str, Any], action: Callable[[], dict[str, Any]], *, report: bool) -> dict[str, Any]:
+    """Run one component's download and return its status (``component``, ``method``, ``repo_id``, ``path`` or
+    ``reason``); an unexpected failure names the component."""
+    component = entry["component"]
+    status: dict[str, Any] = {"component": component, "method": entry["method"], "repo_id": entry.get("repo_id")}
+    try:
+        status.update(action())
+    except MoAIError:
+        raise
+    except Exception as exc:  # backends fetching their own files raise many unrelated types; say which failed
+        raise MoAIError(
+            f"downloading {component} ({entry.get('repo_id')}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if report:
+        where = status.get("path") or status.get("reason") or status["method"]
+        _write(f"{component}: {where}\n")
+    return status
 
 
 def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from huggingface_hub import constants, hf_hub_download, scan_cache_dir
+from huggingface_hub import constants, hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     CacheNotFound,
     EntryNotFoundError,
@@ -295,9 +295,69 @@ def scan_cache(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any
     return sorted(repos, key=lambda r: (r["repo_id"], r["type"]))
 
 
+def snapshot(
+    repo_id: str,
+    allow_patterns: list[str] | tuple[str, ...],
+    fallback_patterns: list[str] | tuple[str, ...] | None = None,
+    *,
+    hub: HubOptions | None = None,
+    repo_type: str | None = None,
+) -> Path:
+    """Local folder holding the files of a Hub repo that match ``allow_patterns`` (fetched into the Hub cache).
+
+    When the folder then has no ``*.safetensors`` file and ``fallback_patterns`` are given, those are fetched too
+    (e.g. the ``.bin`` weights of a repository without safetensors). Failures become :class:`CheckpointError`.
+    """
+    opts = HubOptions.from_any(hub)
+    folder = _snapshot_once(repo_id, list(allow_patterns), opts, repo_type)
+    if fallback_patterns and not any(folder.glob("*.safetensors")):
+        logger.info("%s has no safetensors weights; fetching %s", repo_id, list(fallback_patterns))
+        folder = _snapshot_once(repo_id, list(fallback_patterns), opts, repo_type)
+    return folder
+
+
+def _snapshot_once(repo_id: str, patterns: list[str], opts: HubOptions, repo_type: str | None) -> Path:
+    where = f"{repo_type + ' ' if repo_type else ''}{repo_id!r}" + (
+        f" at revision {opts.revision!r}" if opts.revision else ""
+    )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, repo_type=repo_type, **opts.kwargs()))
+    except LocalEntryNotFoundError as exc:
+        state = (
+            "downloading is off (HF_HUB_OFFLINE or local_files_only=True)" if opts.offline else "the Hub is unreachable"
+        )
+        raise CheckpointError(
+            f"{where} is not in the local Hugging Face cache and {state}: run `moai download` (or `hf download "
+            f"{repo_id}`) where the Hub is reachable, or pass a local folder"
+        ) from exc
+    except GatedRepoError as exc:
+        raise CheckpointError(f"{where} is gated: accept its terms on the Hub and pass token=...") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"revision {opts.revision!r} does not exist in {repo_id!r}") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"{where} is not a Hub repository you can access (spelling? token=...?)") from exc
+    except (OSError, ValueError) as exc:  # HTTP and validation errors of huggingface_hub
+        raise CheckpointError(f"could not fetch {patterns} from {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def download_first(
+    repo_id: str, filenames: list[str] | tuple[str, ...], *, hub: HubOptions | None = None, repo_type: str | None = None
+) -> Path:
+    """Local path of the first of ``filenames`` that the Hub repo has (or, offline, that the cache holds)."""
+    opts = HubOptions.from_any(hub)
+    for name in filenames:
+        path = download(repo_id, name, required=False, hub=opts, repo_type=repo_type)
+        if path is not None:
+            return path
+    where = "the local Hugging Face cache (downloading is off)" if opts.offline else "the repository"
+    raise CheckpointError(f"{where} has none of {list(filenames)} for {repo_id!r}; check the repo id and revision")
+
+
 __all__ = [
     "HubOptions",
     "download",
+    "snapshot",
+    "download_first",
     "resolve_file",
     "find_weights",
     "WEIGHT_FORMATS",

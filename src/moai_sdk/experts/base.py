@@ -33,17 +33,19 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Literal, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, ContextManager, Literal, Mapping, Optional, Sequence, Union
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from .. import hub as hubio
+from ..cache import ExpertCache, image_digest
 from ..errors import ConfigError, ExpertError, InputError, MoAIError
+from ..hub import HubOptions
 from ..imageops import MOAI_IMAGE_SIZE, prepare_frames
 from ..results import TASKS, PerceptionResult
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..cache import ExpertCache
+from .settings import settings_from_defaults, validate_settings
+from .weights import is_local
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +89,22 @@ def _as_frames(images: Any) -> list[torch.Tensor]:
     return frames
 
 
+def frame_result(frame: torch.Tensor, **fields: Any) -> PerceptionResult:
+    """A :class:`PerceptionResult` for ``frame`` (uint8 ``[3, H, W]``) holding ``fields``: image and frame sizes
+    are the frame's. The one place results of a single expert are built (:meth:`Expert.make_result` wraps it)."""
+    h, w = int(frame.shape[-2]), int(frame.shape[-1])
+    return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, **fields)
+
+
 class Expert(ABC):
     """Base class of perception experts.
 
     Class attributes: ``name`` (registry name), ``task`` (one of :data:`~moai_sdk.results.TASKS`),
-    ``default_model_id`` (weights used when ``model_id`` is not given) and ``default_settings`` (the
-    backend's options with their defaults; when non-empty, other keys are rejected).
+    ``default_model_id`` (weights used when ``model_id`` is not given) and ``Settings`` (a Pydantic model of the
+    backend's options, see :mod:`moai_sdk.experts.settings`) -- or, for simple experts, ``default_settings`` (a dict
+    of options with their defaults; when non-empty, other keys are rejected). ``hub`` (a
+    :class:`~moai_sdk.hub.HubOptions`) says where weights come from; the legacy ``revision`` / ``cache_dir`` /
+    ``token`` / ``local_files_only`` keywords are folded into it.
 
     Subclasses implement :meth:`_load` (build the model on ``self.device`` / ``self.dtype``) and
     :meth:`_predict` (frames -> results), and may override :meth:`_unload` (default: drop ``self.model``).
@@ -101,12 +113,21 @@ class Expert(ABC):
     name: ClassVar[str] = ""
     task: ClassVar[str] = ""
     default_model_id: ClassVar[Optional[str]] = None
+    #: The typed settings model (a :class:`~moai_sdk.experts.settings.ExpertSettings` subclass). Experts that only
+    #: give ``default_settings`` get a model derived from that dict.
+    Settings: ClassVar[Optional[type[BaseModel]]] = None
     default_settings: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Settings" in cls.__dict__ and cls.Settings is not None:
+            cls.default_settings = cls.Settings().model_dump()
 
     def __init__(
         self,
         model_id: Optional[str] = None,
         *,
+        hub: Union[HubOptions, Mapping[str, Any], None] = None,
         revision: Optional[str] = None,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
@@ -121,23 +142,41 @@ class Expert(ABC):
                 f"{cls.__name__} must set class attributes name (non-empty) and task (one of {list(TASKS)}); "
                 f"got name={cls.name!r}, task={cls.task!r}"
             )
-        if cls.default_settings:
-            unknown = sorted(set(settings) - set(cls.default_settings))
-            if unknown:
-                raise ConfigError(
-                    f"expert {cls.name!r} has no setting(s) {unknown}; known settings: {sorted(cls.default_settings)}"
-                )
         self.model_id: Optional[str] = model_id if model_id is not None else cls.default_model_id
-        self.revision = revision
+        self.hub: HubOptions = HubOptions.from_any(
+            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+        )
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
-        self.cache_dir = cache_dir
-        self.local_files_only = local_files_only
-        self.token = token
-        self.settings: dict[str, Any] = {**cls.default_settings, **settings}
+        #: The validated settings (a Pydantic model); :attr:`settings` is the same as a plain dict.
+        self.typed_settings: BaseModel = validate_settings(cls.name, cls.settings_model(), settings)
+        self.settings: dict[str, Any] = self.typed_settings.model_dump()
         self.model: Any = None
         self._loaded = False
         self._lock = threading.RLock()
+
+    @classmethod
+    def settings_model(cls) -> type[BaseModel]:
+        """The class's settings model: ``Settings``, else one derived from ``default_settings``."""
+        return cls.Settings if cls.Settings is not None else settings_from_defaults(cls, cls.default_settings)
+
+    # --- Hub options (read-only views of ``self.hub``) ---------------------------------------------------------
+
+    @property
+    def revision(self) -> Optional[str]:
+        return self.hub.revision
+
+    @property
+    def cache_dir(self) -> Optional[str]:
+        return self.hub.cache_dir
+
+    @property
+    def token(self) -> Union[str, bool, None]:
+        return self.hub.token
+
+    @property
+    def local_files_only(self) -> bool:
+        return self.hub.local_files_only
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -205,6 +244,68 @@ class Expert(ABC):
         }
         return json.dumps(payload, sort_keys=True, default=repr)
 
+    # --- weights ----------------------------------------------------------------------------------------------
+
+    def download_plan(self) -> dict[str, Any]:
+        """What fetching this expert's weights ahead of time means (``moai download`` prints and runs it).
+
+        Keys: ``component`` (``expert.<name>``), ``task``, ``repo_id``, ``revision`` and ``method``: ``"local"``
+        (``model_id`` is an existing path), ``"snapshot"`` (files of a Hub repo: ``allow_patterns``, and
+        ``fallback_patterns`` used when the repo has no safetensors), ``"file"`` (the first of ``filenames`` that
+        the repo has, with ``repo_type``), ``"bundled"`` (shipped with a package) or ``"load"`` (the backend
+        fetches its own files: load the model once). Subclasses describe their Hub layout in :meth:`_hub_plan`.
+        """
+        entry: dict[str, Any] = {
+            "component": f"expert.{self.name}",
+            "task": self.task,
+            "repo_id": self.model_id,
+            "revision": self.revision,
+        }
+        if is_local(self.model_id):
+            entry["method"] = "local"
+        else:
+            entry.update(self._hub_plan() or {"method": "load"})
+        return entry
+
+    def _hub_plan(self) -> Optional[dict[str, Any]]:
+        """The ``method`` and its fields for a ``model_id`` that is not a local path; ``None`` = ``"load"``."""
+        return None
+
+    def prefetch(self) -> dict[str, Any]:
+        """Fetch what :meth:`download_plan` lists into the Hub cache (``self.hub``); returns a status dict.
+
+        The status has ``component``, ``method``, ``repo_id`` and either ``path`` (what was fetched) or
+        ``reason`` (why nothing was). Failures raise :class:`~moai_sdk.errors.CheckpointError` (or, for
+        ``"load"``, whatever loading raises).
+        """
+        plan = self.download_plan()
+        method = plan["method"]
+        status: dict[str, Any] = {"component": plan["component"], "method": method, "repo_id": plan["repo_id"]}
+        if method == "snapshot":
+            path = hubio.snapshot(
+                plan["repo_id"], plan["allow_patterns"], plan.get("fallback_patterns"), hub=self._plan_hub(plan)
+            )
+            status["path"] = str(path)
+        elif method == "file":
+            path = hubio.download_first(
+                plan["repo_id"], plan["filenames"], hub=self._plan_hub(plan), repo_type=plan.get("repo_type")
+            )
+            status["path"] = str(path)
+        elif method == "load":
+            was_loaded = self.is_loaded
+            self.load(self.device or "cpu")
+            if not was_loaded:
+                self.unload()
+            status["reason"] = "loaded once (the backend fetches its own files)"
+        elif method == "local":
+            status["path"] = str(self.model_id)
+        else:
+            status["reason"] = "bundled with its package: nothing to download"
+        return status
+
+    def _plan_hub(self, plan: Mapping[str, Any]) -> HubOptions:
+        return self.hub.replace(revision=plan.get("revision"))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model_id={self.model_id!r}, loaded={self._loaded})"
 
@@ -216,9 +317,8 @@ class Expert(ABC):
         The frame and image sizes are the frame's (the runner fills in the original image size). Invalid
         fields raise :class:`ExpertError` naming this expert.
         """
-        h, w = int(image.shape[-2]), int(image.shape[-1])
         try:
-            return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, **fields)
+            return frame_result(image, **fields)
         except ValidationError as exc:
             raise ExpertError(self.name, f"invalid result: {exc}") from exc
 
@@ -403,8 +503,6 @@ class Perception:
         cache_size: int = 0,
         cache: Optional[ExpertCache] = None,
     ) -> None:
-        from ..cache import ExpertCache
-
         if on_expert_error not in ("raise", "warn"):
             raise ConfigError(f"on_expert_error must be 'raise' or 'warn'; got {on_expert_error!r}")
         if isinstance(experts, (str, Expert)):
@@ -492,8 +590,6 @@ class Perception:
             sizes = [(int(f.shape[2]), int(f.shape[1])) for f in frames]
         if len(sizes) != len(frames):
             raise InputError(f"got {len(sizes)} image sizes for {len(frames)} frames")
-        from ..cache import image_digest
-
         digests = [image_digest(f) for f in frames]
         stage = stage or (lambda name: contextlib.nullcontext())
         parts: dict[str, list[PerceptionResult]] = {}
@@ -573,7 +669,41 @@ class Perception:
     def _run_one(self, expert: Expert, frames: list[torch.Tensor], digests: list[str], stage) -> list[PerceptionResult]:
         """One expert on the batch, through the cache (frames seen before are not recomputed)."""
         with stage(f"expert.{expert.name}"):
-            return self.cache.predict(expert, frames, digests)
+            return predict_cached(expert, frames, self.cache, digests)
+
+
+def predict_cached(
+    expert: Expert, frames: Sequence[torch.Tensor], cache: ExpertCache, digests: Optional[Sequence[str]] = None
+) -> list[PerceptionResult]:
+    """``expert.predict(frames)``, answering the frames ``cache`` has seen before from it.
+
+    The expert runs at most once, on the frames that missed (in their order); identical frames inside one call
+    are computed once even when the cache is off. ``digests`` may pass precomputed
+    :func:`~moai_sdk.cache.image_digest` values. Errors of the expert propagate and nothing is stored for that call.
+    """
+    frames = list(frames)
+    if not frames:
+        return []
+    if digests is None:
+        digests = [image_digest(f) for f in frames]
+    elif len(digests) != len(frames):
+        raise InputError(f"got {len(digests)} digests for {len(frames)} frames")
+    expert_key = expert.cache_key()
+    keys = [cache.make_key(expert_key, d) for d in digests]
+    out: list[Optional[PerceptionResult]] = [cache.get(k) if cache.enabled else None for k in keys]
+    todo: dict[tuple[str, str], list[int]] = {}
+    for i, (key, res) in enumerate(zip(keys, out, strict=True)):
+        if res is None:
+            todo.setdefault(key, []).append(i)
+    if todo:
+        first = [positions[0] for positions in todo.values()]
+        fresh = expert.predict([frames[i] for i in first])
+        for (key, positions), result in zip(todo.items(), fresh, strict=True):
+            cache.put(key, result)
+            for i in positions:
+                out[i] = result
+        logger.debug("expert %s: %d of %d images computed", expert.name, len(first), len(frames))
+    return [r for r in out if r is not None]
 
 
 __all__ = [
@@ -584,5 +714,7 @@ __all__ = [
     "get_expert_class",
     "available_experts",
     "Perception",
+    "predict_cached",
+    "frame_result",
     "SCENE_GRAPH_MISSING_WARNING",
 ]

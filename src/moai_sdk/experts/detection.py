@@ -22,20 +22,20 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import field_validator
 
-from ..errors import ConfigError
 from ..results import Box, Detection, PerceptionResult, load_vocab
-from ._hub import (
+from .backends import (
     chunks,
     image_processor_backend_kwargs,
     import_ultralytics,
     keeps_thread_settings,
-    load_pretrained,
-    resolve_weight_file,
     ultralytics_precision_kwargs,
     ultralytics_predict,
 )
-from .base import Expert, register_expert
+from .base import Expert, frame_result, register_expert
+from .settings import ExpertSettings, ImageBackend, OptionalPositiveInt, PositiveInt, UnitFloat
+from .weights import load_pretrained, resolve_weight_file, transformers_hub_plan, weight_file_hub_plan
 
 logger = logging.getLogger(__name__)
 
@@ -45,37 +45,37 @@ def official_queries() -> tuple[str, ...]:
     return tuple(load_vocab("ADE20K_847")) + tuple(load_vocab("IMAGENET_CLASSES"))
 
 
-def _check_queries(queries: Any) -> tuple[str, ...]:
-    if queries is None:
-        return official_queries()
-    if isinstance(queries, (str, bytes)) or not isinstance(queries, Iterable):
-        raise ConfigError(f"queries must be a list of strings; got {type(queries).__name__}")
-    out = tuple(queries)
-    if not out or not all(isinstance(q, str) and q.strip() for q in out):
-        raise ConfigError("queries must be a non-empty list of non-empty strings")
-    return out
+class QuerySettings(ExpertSettings):
+    """Settings shared by the open-vocabulary detectors: ``queries`` (None = the official 1847 names)."""
+
+    queries: Optional[list[str]] = None
+
+    @field_validator("queries", mode="before")
+    @classmethod
+    def _queries(cls, value: Any) -> Optional[list[str]]:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise ValueError(f"must be a list of strings, not a {type(value).__name__}")
+        out = list(value)
+        if not out or not all(isinstance(q, str) and q.strip() for q in out):
+            raise ValueError("must be a non-empty list of non-empty strings")
+        return out
 
 
-def _check_unit(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
+def _queries_of(settings: dict[str, Any]) -> tuple[str, ...]:
+    queries = settings["queries"]
+    return official_queries() if queries is None else tuple(queries)
 
 
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}")
-
-
-def detections_result(
+def detection_fields(
     frame: torch.Tensor,
     boxes: Any,
     scores: Any,
     labels: Any,
     queries: Sequence[str],
-) -> PerceptionResult:
-    """A detection-only :class:`PerceptionResult` from xyxy pixel boxes, scores and query indices.
+) -> dict[str, Any]:
+    """The ``detections`` field of a result for ``frame`` from xyxy pixel boxes, scores and query indices.
 
     Boxes are kept exactly (float32 values, not clipped); the order is the backend's.
     """
@@ -103,7 +103,18 @@ def detections_result(
                 box=Box.from_xyxy(box, frame_width=w, frame_height=h),
             )
         )
-    return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, detections=detections)
+    return {"detections": detections}
+
+
+def detections_result(
+    frame: torch.Tensor,
+    boxes: Any,
+    scores: Any,
+    labels: Any,
+    queries: Sequence[str],
+) -> PerceptionResult:
+    """A detection-only :class:`PerceptionResult` (see :func:`detection_fields`)."""
+    return frame_result(frame, **detection_fields(frame, boxes, scores, labels, queries))
 
 
 def _queries_digest(queries: Sequence[str]) -> str:
@@ -132,28 +143,20 @@ class Owlv2Expert(Expert):
     ``dtype`` defaults to float32 (the official precision); class logits always come back in float32.
     """
 
+    class Settings(QuerySettings):
+        threshold: UnitFloat = 0.1
+        reencode_queries: bool = False
+        image_backend: ImageBackend = "pil"
+        batch_size: PositiveInt = 4
+        text_batch_size: OptionalPositiveInt = None
+
     name = "owlv2"
     task = "detection"
     default_model_id = "google/owlv2-base-patch16-ensemble"
-    default_settings = {
-        "threshold": 0.1,
-        "queries": None,
-        "reencode_queries": False,
-        "image_backend": "pil",
-        "batch_size": 4,
-        "text_batch_size": None,
-    }
 
     def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
-        s = self.settings
-        _check_unit("threshold", s["threshold"])
-        _check_positive_int("batch_size", s["batch_size"])
-        _check_positive_int("text_batch_size", s["text_batch_size"], allow_none=True)
-        image_processor_backend_kwargs(s["image_backend"])
-        self.queries: tuple[str, ...] = _check_queries(s["queries"])
-        if s["queries"] is not None:
-            s["queries"] = list(self.queries)
+        self.queries: tuple[str, ...] = _queries_of(self.settings)
         self.processor: Any = None
         self._query_embeds: Optional[torch.Tensor] = None  # [1, Q, D], L2-normalised like the full forward
         self._query_mask: Optional[torch.Tensor] = None  # [1, Q] bool
@@ -165,13 +168,15 @@ class Owlv2Expert(Expert):
         payload["settings"]["queries"] = f"{len(self.queries)} queries sha256:{_queries_digest(self.queries)}"
         return json.dumps(payload, sort_keys=True)
 
+    def _hub_plan(self) -> Optional[dict[str, Any]]:
+        return transformers_hub_plan(self.model_id)
+
     def _load(self) -> None:
         from transformers import AutoProcessor, Owlv2ForObjectDetection
 
-        processor = load_pretrained(
-            AutoProcessor.from_pretrained, self, **image_processor_backend_kwargs(self.settings["image_backend"])
-        )
-        model = load_pretrained(Owlv2ForObjectDetection.from_pretrained, self)
+        backend = image_processor_backend_kwargs(self.settings["image_backend"])
+        processor = load_pretrained(AutoProcessor.from_pretrained, self.model_id, self.hub, self.name, **backend)
+        model = load_pretrained(Owlv2ForObjectDetection.from_pretrained, self.model_id, self.hub, self.name)
         model.to(device=self.device, dtype=self.dtype or torch.float32).eval()
         self.processor, self.model = processor, model
         self._query_embeds = self._query_mask = None
@@ -264,7 +269,8 @@ class Owlv2Expert(Expert):
                     outputs, threshold=s["threshold"], target_sizes=sizes
                 )
             for frame, item in zip(chunk, found):
-                results.append(detections_result(frame, item["boxes"], item["scores"], item["labels"], self.queries))
+                fields = detection_fields(frame, item["boxes"], item["scores"], item["labels"], self.queries)
+                results.append(self.make_result(frame, **fields))
         return results
 
 
@@ -283,28 +289,20 @@ class YoloWorldExpert(Expert):
     ``imgsz`` (640), ``max_det`` (300), ``queries``, ``batch_size`` (8).
     """
 
+    class Settings(QuerySettings):
+        conf: UnitFloat = 0.1
+        iou: UnitFloat = 0.7
+        imgsz: PositiveInt = 640
+        max_det: PositiveInt = 300
+        batch_size: PositiveInt = 8
+
     name = "yolo-world"
     task = "detection"
     default_model_id = "yolov8l-worldv2.pt"
-    default_settings = {
-        "conf": 0.1,
-        "iou": 0.7,
-        "imgsz": 640,
-        "max_det": 300,
-        "queries": None,
-        "batch_size": 8,
-    }
 
     def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
-        s = self.settings
-        _check_unit("conf", s["conf"])
-        _check_unit("iou", s["iou"])
-        for key in ("imgsz", "max_det", "batch_size"):
-            _check_positive_int(key, s[key])
-        self.queries: tuple[str, ...] = _check_queries(s["queries"])
-        if s["queries"] is not None:
-            s["queries"] = list(self.queries)
+        self.queries: tuple[str, ...] = _queries_of(self.settings)
 
     def cache_key(self) -> str:
         payload = json.loads(super().cache_key())
@@ -315,11 +313,14 @@ class YoloWorldExpert(Expert):
     def is_yoloe(self) -> bool:
         return "yoloe" in str(self.model_id).lower()
 
+    def _hub_plan(self) -> Optional[dict[str, Any]]:
+        return weight_file_hub_plan(self.model_id)
+
     @keeps_thread_settings
     def _load(self) -> None:
-        ultralytics = import_ultralytics(offline=self.local_files_only)
+        ultralytics = import_ultralytics(offline=self.hub.offline)
         ultralytics_precision_kwargs(self.dtype)  # refuses dtypes ultralytics cannot run
-        weights = resolve_weight_file(self)
+        weights = resolve_weight_file(self.model_id, self.hub, self.name)
         classes = list(self.queries)
         if self.is_yoloe:
             model = ultralytics.YOLOE(weights)
@@ -336,10 +337,11 @@ class YoloWorldExpert(Expert):
         for img, pred in ultralytics_predict(self, images):
             boxes = pred.boxes
             if boxes is None or len(boxes) == 0:
-                out.append(detections_result(img, np.zeros((0, 4)), np.zeros(0), np.zeros(0), self.queries))
-                continue
-            out.append(detections_result(img, boxes.xyxy, boxes.conf, boxes.cls.long(), self.queries))
+                fields = detection_fields(img, np.zeros((0, 4)), np.zeros(0), np.zeros(0), self.queries)
+            else:
+                fields = detection_fields(img, boxes.xyxy, boxes.conf, boxes.cls.long(), self.queries)
+            out.append(self.make_result(img, **fields))
         return out
 
 
-__all__ = ["Owlv2Expert", "YoloWorldExpert", "official_queries", "detections_result"]
+__all__ = ["Owlv2Expert", "YoloWorldExpert", "official_queries", "detections_result", "detection_fields"]

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import field_validator
 
 from ..errors import ConfigError, DependencyError
 from ..results import PerceptionResult, TextLine
-from .base import Expert, register_expert
+from .base import Expert, frame_result, register_expert
+from .settings import ChannelOrder, ExpertSettings, OptionalPositiveInt, PositiveInt, UnitFloat
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ def frame_to_array(frame: torch.Tensor, input_order: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def text_lines_result(frame: torch.Tensor, lines: Iterable[tuple[Any, str, float]]) -> PerceptionResult:
-    """An OCR-only :class:`PerceptionResult` from ``(polygon, text, confidence)`` triples."""
+def text_line_fields(frame: torch.Tensor, lines: Iterable[tuple[Any, str, float]]) -> dict[str, Any]:
+    """The ``text_lines`` field of a result for ``frame`` from ``(polygon, text, confidence)`` triples."""
     h, w = int(frame.shape[-2]), int(frame.shape[-1])
     text_lines = [
         TextLine.from_polygon(
@@ -53,17 +55,12 @@ def text_lines_result(frame: torch.Tensor, lines: Iterable[tuple[Any, str, float
         )
         for poly, text, conf in lines
     ]
-    return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, text_lines=text_lines)
+    return {"text_lines": text_lines}
 
 
-def _check_order(value: Any) -> None:
-    if value not in ("rgb", "bgr"):
-        raise ConfigError(f"input_order must be 'rgb' or 'bgr'; got {value!r}")
-
-
-def _check_unit(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
+def text_lines_result(frame: torch.Tensor, lines: Iterable[tuple[Any, str, float]]) -> PerceptionResult:
+    """An OCR-only :class:`PerceptionResult` from ``(polygon, text, confidence)`` triples."""
+    return frame_result(frame, **text_line_fields(frame, lines))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,35 +94,29 @@ class RapidOCRExpert(Expert):
     * ``input_order`` (``"bgr"``): colour order handed to the engine (it expects BGR).
     """
 
+    class Settings(ExpertSettings):
+        text_score: UnitFloat = 0.5
+        use_cls: bool = True
+        det_limit_side_len: PositiveInt = 736
+        det_limit_type: Literal["min", "max"] = "min"
+        det_box_thresh: UnitFloat = 0.5
+        det_unclip_ratio: float = 1.6
+        num_threads: OptionalPositiveInt = None
+        input_order: ChannelOrder = "bgr"
+
     name = "rapidocr"
     task = "ocr"
     default_model_id = None
-    default_settings = {
-        "text_score": 0.5,
-        "use_cls": True,
-        "det_limit_side_len": 736,
-        "det_limit_type": "min",
-        "det_box_thresh": 0.5,
-        "det_unclip_ratio": 1.6,
-        "num_threads": None,
-        "input_order": "bgr",
-    }
 
     def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
-        s = self.settings
-        _check_order(s["input_order"])
-        _check_unit("text_score", s["text_score"])
-        _check_unit("det_box_thresh", s["det_box_thresh"])
-        if s["det_limit_type"] not in ("min", "max"):
-            raise ConfigError(f"det_limit_type must be 'min' or 'max'; got {s['det_limit_type']!r}")
-        threads = s["num_threads"]
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ConfigError(f"num_threads must be a positive integer or None; got {threads!r}")
         if model_id is not None and not os.path.isfile(model_id):
             raise ConfigError(
                 f"rapidocr model_id must be None (bundled models) or a config.yaml path; got {model_id!r}"
             )
+
+    def _hub_plan(self) -> Optional[dict[str, Any]]:
+        return {"method": "bundled"}  # the PP-OCRv4 models ship inside the rapidocr-onnxruntime wheel
 
     @property
     def compute_device_type(self) -> str:
@@ -156,7 +147,7 @@ class RapidOCRExpert(Expert):
         results = []
         for frame in images:
             raw, _elapsed = self.model(frame_to_array(frame, order))
-            results.append(text_lines_result(frame, rapidocr_lines(raw)))
+            results.append(self.make_result(frame, **text_line_fields(frame, rapidocr_lines(raw))))
         return results
 
 
@@ -202,31 +193,29 @@ class PaddleOCRExpert(Expert):
     given (PaddleOCR's ``device="gpu:N"``).
     """
 
+    class Settings(ExpertSettings):
+        lang: str = "ch"
+        ocr_version: str = "PP-OCRv4"
+        use_textline_orientation: bool = True
+        text_det_limit_side_len: PositiveInt = 960
+        text_det_limit_type: Literal["min", "max"] = "max"
+        text_det_thresh: UnitFloat = 0.3
+        text_det_box_thresh: UnitFloat = 0.6
+        text_det_unclip_ratio: float = 1.5
+        text_rec_score_thresh: UnitFloat = 0.5
+        input_order: ChannelOrder = "rgb"
+        engine_kwargs: dict[str, Any] = {}
+
+        @field_validator("engine_kwargs", mode="before")
+        @classmethod
+        def _engine_kwargs(cls, value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise ValueError("must be a dict of PaddleOCR keywords")
+            return value
+
     name = "paddleocr"
     task = "ocr"
     default_model_id = None
-    default_settings = {
-        "lang": "ch",
-        "ocr_version": "PP-OCRv4",
-        "use_textline_orientation": True,
-        "text_det_limit_side_len": 960,
-        "text_det_limit_type": "max",
-        "text_det_thresh": 0.3,
-        "text_det_box_thresh": 0.6,
-        "text_det_unclip_ratio": 1.5,
-        "text_rec_score_thresh": 0.5,
-        "input_order": "rgb",
-        "engine_kwargs": {},
-    }
-
-    def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
-        super().__init__(model_id, **kwargs)
-        s = self.settings
-        _check_order(s["input_order"])
-        for key in ("text_det_thresh", "text_det_box_thresh", "text_rec_score_thresh"):
-            _check_unit(key, s[key])
-        if not isinstance(s["engine_kwargs"], dict):
-            raise ConfigError(f"engine_kwargs must be a dict of PaddleOCR keywords; got {s['engine_kwargs']!r}")
 
     def engine_options(self) -> dict[str, Any]:
         """The keywords given to ``paddleocr.PaddleOCR``."""
@@ -271,7 +260,7 @@ class PaddleOCRExpert(Expert):
         for frame in images:
             pages = self.model.predict(frame_to_array(frame, order))
             page = pages[0] if pages else None
-            results.append(text_lines_result(frame, paddleocr_lines(page)))
+            results.append(self.make_result(frame, **text_line_fields(frame, paddleocr_lines(page))))
         return results
 
 
@@ -280,6 +269,7 @@ __all__ = [
     "PaddleOCRExpert",
     "frame_to_array",
     "text_lines_result",
+    "text_line_fields",
     "rapidocr_lines",
     "paddleocr_lines",
 ]

@@ -16,24 +16,25 @@ pixels, k for segment k), which is what the official code turns into the colour 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from pydantic import field_validator
 
 from ..errors import ConfigError, ExpertError
 from ..results import PerceptionResult, Segment, load_vocab
-from ._hub import (
+from .backends import (
     chunks,
     image_processor_backend_kwargs,
     import_ultralytics,
     keeps_thread_settings,
-    load_pretrained,
-    resolve_weight_file,
     ultralytics_precision_kwargs,
     ultralytics_predict,
 )
-from .base import Expert, register_expert
+from .base import Expert, frame_result, register_expert
+from .settings import ExpertSettings, ImageBackend, PositiveInt, UnitFloat
+from .weights import load_pretrained, resolve_weight_file, transformers_hub_plan, weight_file_hub_plan
 
 logger = logging.getLogger(__name__)
 
@@ -78,28 +79,22 @@ def segments_from_id_map(ids: np.ndarray, segments_info: Iterable[dict], *, keep
     return segments
 
 
-def panoptic_result(
+def panoptic_fields(
     frame: torch.Tensor, ids: np.ndarray, segments_info: Iterable[dict], *, keep_masks: bool = True
-) -> PerceptionResult:
-    """A segmentation-only :class:`PerceptionResult` for ``frame`` (uint8 [3, H, W])."""
+) -> dict[str, Any]:
+    """The segmentation fields (``segments``, ``panoptic_ids``) of a result for ``frame`` (uint8 [3, H, W])."""
     h, w = int(frame.shape[-2]), int(frame.shape[-1])
     ids = np.ascontiguousarray(ids, dtype=np.int32)
     if ids.shape != (h, w):
         raise ValueError(f"the panoptic map is {ids.shape[1]}x{ids.shape[0]} but the frame is {w}x{h}")
-    segments = segments_from_id_map(ids, segments_info, keep_masks=keep_masks)
-    return PerceptionResult(
-        image_width=w, image_height=h, frame_width=w, frame_height=h, segments=segments, panoptic_ids=ids
-    )
+    return {"segments": segments_from_id_map(ids, segments_info, keep_masks=keep_masks), "panoptic_ids": ids}
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
-
-
-def _check_unit(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1]; got {value!r}")
+def panoptic_result(
+    frame: torch.Tensor, ids: np.ndarray, segments_info: Iterable[dict], *, keep_masks: bool = True
+) -> PerceptionResult:
+    """A segmentation-only :class:`PerceptionResult` for ``frame`` (uint8 [3, H, W])."""
+    return frame_result(frame, **panoptic_fields(frame, ids, segments_info, keep_masks=keep_masks))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,39 +122,42 @@ class Mask2FormerExpert(Expert):
     before post-processing.
     """
 
+    class Settings(ExpertSettings):
+        threshold: UnitFloat = 0.5
+        mask_threshold: UnitFloat = 0.95
+        overlap_mask_area_threshold: UnitFloat = 0.8
+        label_ids_to_fuse: tuple[int, ...] = ()
+        image_backend: ImageBackend = "pil"
+        batch_size: PositiveInt = 8
+        keep_masks: bool = True
+
+        @field_validator("label_ids_to_fuse", mode="before")
+        @classmethod
+        def _ids(cls, value: Any) -> tuple[int, ...]:
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise ValueError("must be a collection of COCO-panoptic ids")
+            ids = list(value)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError("must be a collection of COCO-panoptic ids (integers)")
+            return tuple(sorted(set(ids)))
+
     name = "mask2former"
     task = "segmentation"
     default_model_id = "facebook/mask2former-swin-base-coco-panoptic"
-    default_settings = {
-        "threshold": 0.5,
-        "mask_threshold": 0.95,
-        "overlap_mask_area_threshold": 0.8,
-        "label_ids_to_fuse": (),
-        "image_backend": "pil",
-        "batch_size": 8,
-        "keep_masks": True,
-    }
 
-    def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, model_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
-        s = self.settings
-        for key in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
-            _check_unit(key, s[key])
-        _check_positive_int("batch_size", s["batch_size"])
-        image_processor_backend_kwargs(s["image_backend"])  # validates the name
-        fuse = s["label_ids_to_fuse"]
-        if isinstance(fuse, (str, bytes)) or not all(isinstance(i, int) for i in fuse):
-            raise ConfigError(f"label_ids_to_fuse must be a collection of COCO-panoptic ids; got {fuse!r}")
-        s["label_ids_to_fuse"] = tuple(sorted(set(fuse)))
         self.processor: Any = None
+
+    def _hub_plan(self) -> dict[str, Any] | None:
+        return transformers_hub_plan(self.model_id)
 
     def _load(self) -> None:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        processor = load_pretrained(
-            AutoImageProcessor.from_pretrained, self, **image_processor_backend_kwargs(self.settings["image_backend"])
-        )
-        model = load_pretrained(Mask2FormerForUniversalSegmentation.from_pretrained, self)
+        backend = image_processor_backend_kwargs(self.settings["image_backend"])
+        processor = load_pretrained(AutoImageProcessor.from_pretrained, self.model_id, self.hub, self.name, **backend)
+        model = load_pretrained(Mask2FormerForUniversalSegmentation.from_pretrained, self.model_id, self.hub, self.name)
         num_labels = int(model.config.num_labels)
         expected = len(coco_panoptic_classes())
         if num_labels != expected:
@@ -191,7 +189,8 @@ class Mask2FormerExpert(Expert):
                 )
             for img, item in zip(chunk, panoptic):
                 ids = item["segmentation"].detach().to("cpu").to(torch.int32).numpy()
-                results.append(panoptic_result(img, ids, item["segments_info"], keep_masks=s["keep_masks"]))
+                fields = panoptic_fields(img, ids, item["segments_info"], keep_masks=s["keep_masks"])
+                results.append(self.make_result(img, **fields))
         return results
 
     def _forward(self, frames: list[torch.Tensor]) -> Any:
@@ -284,33 +283,31 @@ class YoloSegExpert(Expert):
     ``dtype=torch.float16`` runs ultralytics in half precision (CUDA).
     """
 
+    class Settings(ExpertSettings):
+        conf: UnitFloat = 0.5
+        iou: UnitFloat = 0.7
+        imgsz: PositiveInt = 640
+        max_det: PositiveInt = 100
+        overlap_mask_area_threshold: UnitFloat = 0.8
+        batch_size: PositiveInt = 8
+        keep_masks: bool = True
+
     name = "yolo-seg"
     task = "segmentation"
     default_model_id = "yolo11m-seg.pt"
-    default_settings = {
-        "conf": 0.5,
-        "iou": 0.7,
-        "imgsz": 640,
-        "max_det": 100,
-        "overlap_mask_area_threshold": 0.8,
-        "batch_size": 8,
-        "keep_masks": True,
-    }
 
-    def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, model_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
-        s = self.settings
-        for key in ("conf", "iou", "overlap_mask_area_threshold"):
-            _check_unit(key, s[key])
-        for key in ("imgsz", "max_det", "batch_size"):
-            _check_positive_int(key, s[key])
         self.class_map: dict[int, int] = {}
+
+    def _hub_plan(self) -> dict[str, Any] | None:
+        return weight_file_hub_plan(self.model_id)
 
     @keeps_thread_settings
     def _load(self) -> None:
-        ultralytics = import_ultralytics(offline=self.local_files_only)
+        ultralytics = import_ultralytics(offline=self.hub.offline)
         ultralytics_precision_kwargs(self.dtype)  # refuses dtypes ultralytics cannot run
-        weights = resolve_weight_file(self)
+        weights = resolve_weight_file(self.model_id, self.hub, self.name)
         model = ultralytics.YOLO(weights)
         if model.task != "segment":
             raise ConfigError(f"{self.model_id!r} is a {model.task!r} model; yolo-seg needs a segmentation model")
@@ -333,7 +330,7 @@ class YoloSegExpert(Expert):
             if masks.shape[1:] != (h, w):
                 raise ExpertError(self.name, f"masks came back {masks.shape[1:]} for a {h}x{w} frame")
             ids, infos = instances_to_panoptic(masks, scores, labels, s["overlap_mask_area_threshold"])
-            out.append(panoptic_result(img, ids, infos, keep_masks=s["keep_masks"]))
+            out.append(self.make_result(img, **panoptic_fields(img, ids, infos, keep_masks=s["keep_masks"])))
         return out
 
 
@@ -344,6 +341,7 @@ __all__ = [
     "coco_panoptic_classes",
     "segments_from_id_map",
     "panoptic_result",
+    "panoptic_fields",
     "yolo_names_to_panoptic",
     "instances_to_panoptic",
 ]

@@ -1,219 +1,29 @@
-"""Tiny random expert checkpoints, built locally (nothing is downloaded).
+"""Deprecated: the tiny expert builders moved to :mod:`moai_sdk.testing` (with the tiny MoAI builders).
 
-The builders save a randomly initialised model *and* its processor with ``save_pretrained``, so an expert
-pointed at the folder (``model_id=str(folder)``) goes through exactly the same ``from_pretrained`` path as
-with a real Hub id. They exist for tests (ours and downstream applications') and for trying the pipeline
-without weights; the outputs are meaningless.
-
-* :func:`build_tiny_mask2former` -- Mask2Former (Swin backbone) with the 133 COCO-panoptic labels.
-* :func:`build_tiny_owlv2` -- OWLv2 with a character-level CLIP tokenizer long enough for every one of the
-  1847 official queries.
+Import ``build_tiny_mask2former``, ``build_tiny_owlv2``, ``build_tiny_psgtr``, ``tiny_psgtr_settings``,
+``TINY_IMAGE_SIZE``, ``TINY_OWLV2_MAX_TOKENS`` and ``TINY_PSGTR_ARCHITECTURE`` from ``moai_sdk.testing``. Nothing in
+the package imports this alias module.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Union
+import warnings
 
-from ..errors import DependencyError
-from ..results import load_vocab
+from ..testing.tiny_experts import (
+    TINY_IMAGE_SIZE,
+    TINY_OWLV2_MAX_TOKENS,
+    TINY_PSGTR_ARCHITECTURE,
+    build_tiny_mask2former,
+    build_tiny_owlv2,
+    build_tiny_psgtr,
+    tiny_psgtr_settings,
+)
 
-logger = logging.getLogger(__name__)
-
-PathLike = Union[str, Path]
-
-#: Side of the tiny models' input images (the real ones use 384 for Mask2Former and 960 for OWLv2).
-TINY_IMAGE_SIZE = 64
-
-#: Token budget of the tiny OWLv2 tokenizer: the longest official query has 37 characters, and the tiny
-#: tokenizer spells queries character by character (plus start and end tokens).
-TINY_OWLV2_MAX_TOKENS = 48
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - transformers is a core dependency
-        raise DependencyError("the tiny expert builders need transformers: pip install transformers") from exc
-    return transformers
-
-
-def _pil_class(module: str, name: str, fallback: type) -> type:
-    """The PIL (reference) implementation of an image processor when this transformers keeps it apart
-    (transformers >= 5: ``<model>.image_processing_pil_<model>.<Name>Pil``), else ``fallback`` (which is
-    the reference implementation on older versions)."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        return fallback
-    return getattr(importlib.import_module(module), name)
-
-
-def build_tiny_mask2former(directory: PathLike, *, seed: int = 0, num_queries: int = 10) -> Path:
-    """Save a random tiny ``Mask2FormerForUniversalSegmentation`` and its image processor in ``directory``.
-
-    The model has the 133 COCO-panoptic labels (ids and names as ``COCO_PANOPTIC_CLASSES``), a 4-stage Swin
-    backbone of width 32 and ``num_queries`` queries; the processor resizes the shortest edge to 64 (a
-    multiple of 32, like the real checkpoint's 384). About 1.3 M parameters, 5 MB on disk.
-    """
-    tf = _transformers()
-    import torch
-
-    names = list(load_vocab("COCO_PANOPTIC_CLASSES"))
-    backbone = tf.SwinConfig(
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=4,
-        embed_dim=32,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=4,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = tf.Mask2FormerConfig(
-        backbone_config=backbone,
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=32,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_attention_heads=2,
-        dim_feedforward=32,
-        num_queries=num_queries,
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = tf.Mask2FormerForUniversalSegmentation(config).eval()
-
-    processor_cls = _pil_class(
-        "transformers.models.mask2former.image_processing_pil_mask2former",
-        "Mask2FormerImageProcessorPil",
-        tf.Mask2FormerImageProcessor,
-    )
-    processor = processor_cls(
-        size={"shortest_edge": TINY_IMAGE_SIZE, "longest_edge": 1333},
-        size_divisor=32,
-        ignore_index=255,
-        do_reduce_labels=False,
-        num_labels=len(names),
-    )
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    logger.info("saved a tiny Mask2Former to %s", out)
-    return out
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255, in a fixed order."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return sorted(ByteLevel.alphabet())
-
-
-def build_tiny_owlv2(directory: PathLike, *, seed: int = 0) -> Path:
-    """Save a random tiny ``Owlv2ForObjectDetection`` and its ``Owlv2Processor`` in ``directory``.
-
-    The tokenizer is a CLIP tokenizer without merges (one token per character, ``!`` as padding like the
-    real OWLv2 tokenizer, so ``input_ids[:, 0] > 0`` still marks real queries) with room for
-    :data:`TINY_OWLV2_MAX_TOKENS` tokens; the vision tower sees 64 x 64 images in 16 px patches (16 boxes
-    per image); widths are 32. About 0.1 M parameters.
-    """
-    tf = _transformers()
-    import torch
-
-    alphabet = _byte_alphabet()
-    vocab: dict[str, int] = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    vocab[bos] = len(vocab)
-    vocab[eos] = len(vocab)
-    tokenizer = tf.CLIPTokenizer(vocab=vocab, merges=[], pad_token="!", model_max_length=TINY_OWLV2_MAX_TOKENS)
-
-    config = tf.Owlv2Config(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=TINY_OWLV2_MAX_TOKENS,
-            bos_token_id=vocab[bos],
-            eos_token_id=vocab[eos],
-            pad_token_id=vocab["!"],
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=TINY_IMAGE_SIZE,
-            patch_size=16,
-        ),
-        projection_dim=32,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = tf.Owlv2ForObjectDetection(config).eval()
-
-    image_processor_cls = _pil_class(
-        "transformers.models.owlv2.image_processing_pil_owlv2", "Owlv2ImageProcessorPil", tf.Owlv2ImageProcessor
-    )
-    image_processor = image_processor_cls(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
-    processor = tf.Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    logger.info("saved a tiny OWLv2 to %s", out)
-    return out
-
-
-#: Structure of the tiny PSGTR (ResNet-18, one encoder and one decoder layer, 10 queries) and the input size
-#: its expert should use: pass both to the ``psgtr`` expert (see :func:`tiny_psgtr_settings`).
-TINY_PSGTR_ARCHITECTURE: dict = {
-    "depth": 18,
-    "num_queries": 10,
-    "embed_dim": 128,
-    "num_heads": 8,
-    "ffn_dim": 128,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-}
-
-
-def tiny_psgtr_settings() -> dict:
-    """Settings of the ``psgtr`` expert for :func:`build_tiny_psgtr` weights (input resized to 256 px, not 800)."""
-    return {"architecture": dict(TINY_PSGTR_ARCHITECTURE), "scale": (256, 256)}
-
-
-def build_tiny_psgtr(path: PathLike, *, seed: int = 0) -> Path:
-    """Save random weights of a tiny PSGTR (:data:`TINY_PSGTR_ARCHITECTURE`) as one safetensors file.
-
-    Same code path as the official model (backbone, DETR transformer, heads, mask heads, MoAI post-processing),
-    at a size that runs in well under a second per image on a CPU. Load it with
-    ``create_expert("psgtr", model_id=path, **tiny_psgtr_settings())``.
-    """
-    from safetensors.torch import save_file
-
-    from .scene_graph.config import PSGTRConfig
-    from .scene_graph.synthetic import synthetic_state_dict
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    state = synthetic_state_dict(PSGTRConfig().replace(**TINY_PSGTR_ARCHITECTURE), seed=seed)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
-    return target
-
+warnings.warn(
+    "moai_sdk.experts.tiny is deprecated; import the tiny builders from moai_sdk.testing",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 __all__ = [
     "TINY_IMAGE_SIZE",

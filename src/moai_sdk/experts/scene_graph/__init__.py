@@ -6,10 +6,15 @@
 * :mod:`.checkpoint` -- download, SHA-256 check, restricted unpickling, key spellings, safetensors cache.
 * :mod:`.processing` -- MoAI's pre-processing and post-processing (:class:`SceneGraphPrediction`).
 * :mod:`.expert` -- the registered expert ``psgtr`` (task ``scene_graph``).
-* :mod:`.synthetic` -- reproducible synthetic weights for tests and demos.
+
+Reproducible synthetic weights for tests and demos are :func:`moai_sdk.testing.synthetic_state_dict`
+(``synthetic_state_dict`` here is a deprecated alias, resolved on first use).
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .checkpoint import LoadedWeights, load_into, resolve_weights, safe_torch_load
 from .config import (
@@ -22,7 +27,14 @@ from .config import (
 from .expert import PSGTRExpert, prediction_to_fields
 from .modeling import PSGTR, PSGTROutput
 from .processing import SceneGraphPrediction, postprocess, preprocess_image
-from .synthetic import synthetic_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated ``synthetic_state_dict`` alias (its module warns and forwards to ``moai_sdk.testing``)."""
+    if name == "synthetic_state_dict":
+        return importlib.import_module(f"{__name__}.synthetic").synthetic_state_dict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PSGTRConfig",
@@ -37,7 +49,6 @@ __all__ = [
     "load_into",
     "safe_torch_load",
     "LoadedWeights",
-    "synthetic_state_dict",
     "OFFICIAL_REPO_ID",
     "OFFICIAL_REPO_TYPE",
     "OFFICIAL_FILENAME",

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import torch
 
 from ...errors import CheckpointError, MissingKeysError, UnsafeCheckpointError
+from ...hub import HubOptions, download
 from .config import OFFICIAL_FILENAME, OFFICIAL_REPO_ID, OFFICIAL_REPO_TYPE, OFFICIAL_SHA256
 
 logger = logging.getLogger(__name__)
@@ -282,6 +283,7 @@ def download_checkpoint(
     filename: str = OFFICIAL_FILENAME,
     *,
     repo_type: str | None = OFFICIAL_REPO_TYPE,
+    hub: HubOptions | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
@@ -289,20 +291,13 @@ def download_checkpoint(
 ) -> Path:
     """Path of ``filename`` from a Hub repo (downloaded into the Hub cache unless already there).
 
-    Honours ``HF_HUB_OFFLINE`` / ``local_files_only`` like every other component; failures become
-    :class:`CheckpointError` naming the fix.
+    ``hub`` carries revision, cache folder, token and ``local_files_only`` (the separate keywords are folded in).
+    Honours ``HF_HUB_OFFLINE`` like every other component; failures become :class:`CheckpointError` naming the fix.
     """
-    from ...hub import download
-
-    return download(
-        repo_id,
-        filename,
-        repo_type=repo_type,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
+    opts = HubOptions.from_any(
+        hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
     )
+    return download(repo_id, filename, repo_type=repo_type, **opts.kwargs())
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -430,6 +425,7 @@ def resolve_weights(
     *,
     filename: str | None = None,
     repo_type: str | None = None,
+    hub: HubOptions | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
@@ -443,9 +439,13 @@ def resolve_weights(
 
     ``model_id`` None means the official Space ``ECCV2022/PSG`` (file ``OpenPSG/checkpoints/epoch_60.pth``, whose
     SHA-256 is then checked unless ``verify=False``). An existing local path is used as is. Anything else is a
-    Hub repo id; ``filename`` / ``repo_type`` default to the official file and ``"space"``.
+    Hub repo id; ``filename`` / ``repo_type`` default to the official file and ``"space"``. ``hub`` (or the separate
+    ``revision`` / ``cache_dir`` / ``token`` / ``local_files_only`` keywords) says how to reach the Hub.
     """
-    convert_dir = convert_dir if convert_dir is not None else default_convert_dir(cache_dir)
+    opts = HubOptions.from_any(
+        hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+    )
+    convert_dir = convert_dir if convert_dir is not None else default_convert_dir(opts.cache_dir)
     if model_id is not None and (Path(model_id).exists() or str(model_id).startswith((".", "/", "~"))):
         local = Path(model_id).expanduser()
         return read_weights(local, sha256=sha256 if verify else None, convert=convert, convert_dir=convert_dir)
@@ -455,15 +455,7 @@ def resolve_weights(
     expected = sha256
     if expected is None and (repo_id, filename, repo_type) == (OFFICIAL_REPO_ID, OFFICIAL_FILENAME, OFFICIAL_REPO_TYPE):
         expected = OFFICIAL_SHA256
-    path = download_checkpoint(
-        repo_id,
-        filename,
-        repo_type=repo_type,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-    )
+    path = download_checkpoint(repo_id, filename, repo_type=repo_type, hub=opts)
     return read_weights(path, sha256=expected if verify else None, convert=convert, convert_dir=convert_dir)
 
 

@@ -16,9 +16,8 @@ from ...errors import ConfigError
 OFFICIAL_REPO_ID = "ECCV2022/PSG"
 OFFICIAL_REPO_TYPE = "space"
 OFFICIAL_FILENAME = "OpenPSG/checkpoints/epoch_60.pth"
-#: SHA-256 and size of that file (the same hash as the OpenPSG model-zoo entry for PSGTR R-50, 60 epochs).
+#: SHA-256 of that file (the same hash as the OpenPSG model-zoo entry for PSGTR R-50, 60 epochs).
 OFFICIAL_SHA256 = "1c4ddcbda74686568b7e6b8145f7f33030407e27e390c37c23206f95c51829ed"
-OFFICIAL_SIZE = 531_751_994
 
 #: COCO-panoptic classes 0..79 are things, 80..132 stuff.
 NUM_THING_CLASSES = 80
@@ -107,17 +106,14 @@ class PSGTRConfig:
             raise ConfigError(
                 f"PSGTR backbone depth must be 18, 34, 50 or 101 (the official model: 50); got {self.depth}"
             )
-        if self.embed_dim < 128 or self.embed_dim % 128:
-            raise ConfigError(f"embed_dim must be a multiple of 128 (the mask head's GroupNorms); got {self.embed_dim}")
-        if self.embed_dim % self.num_heads or self.embed_dim % 2:
+        if self.embed_dim < 128 or self.embed_dim % 128 or (self.embed_dim + self.num_heads) % 8:
             raise ConfigError(
-                f"embed_dim ({self.embed_dim}) must be even and divisible by num_heads ({self.num_heads})"
+                f"embed_dim ({self.embed_dim}) must be a multiple of 128 and embed_dim + num_heads "
+                f"({self.embed_dim + self.num_heads}) a multiple of 8, so that every GroupNorm(8) of the mask head "
+                "divides its channels"
             )
-        if self.embed_dim % 128 or (self.embed_dim + self.num_heads) % 8:
-            raise ConfigError(
-                f"embed_dim ({self.embed_dim}) must be a multiple of 128 and embed_dim + num_heads a multiple of 8 "
-                "so that every GroupNorm(8) of the mask head divides its channels"
-            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.mask_dtype not in _MASK_DTYPES:
             raise ConfigError(f"mask_dtype must be one of {_MASK_DTYPES}; got {self.mask_dtype!r}")
         if self.resize_backend not in _RESIZE_BACKENDS:
@@ -166,7 +162,6 @@ __all__ = [
     "OFFICIAL_REPO_TYPE",
     "OFFICIAL_FILENAME",
     "OFFICIAL_SHA256",
-    "OFFICIAL_SIZE",
     "INSTANCE_OFFSET",
     "NUM_THING_CLASSES",
 ]

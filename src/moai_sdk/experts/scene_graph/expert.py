@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+import os
+from typing import Any, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
+from pydantic import StrictBool, field_validator
 
 from ...errors import ConfigError
+from ...hub import is_repo_id
 from ...results import PerceptionResult, Relation, Segment, load_vocab
 from ..base import Expert, register_expert
+from ..settings import ExpertSettings, OptionalPositiveInt, PositiveInt, UnitFloat
 from .checkpoint import load_into, resolve_weights
 from .config import NUM_THING_CLASSES, OFFICIAL_FILENAME, OFFICIAL_REPO_ID, OFFICIAL_REPO_TYPE, PSGTRConfig
 from .modeling import PSGTR
@@ -25,7 +29,6 @@ from .processing import PreparedImage, SceneGraphPrediction, postprocess, prepro
 
 logger = logging.getLogger(__name__)
 
-#: Settings forwarded to :class:`PSGTRConfig` (pre/post-processing knobs; the architecture is fixed by the weights).
 #: Structure fields a non-official checkpoint may change (``architecture=`` setting; the official model and its
 #: label spaces keep the defaults).
 _ARCHITECTURE_FIELDS = (
@@ -38,6 +41,7 @@ _ARCHITECTURE_FIELDS = (
     "num_decoder_layers",
 )
 
+#: Settings forwarded to :class:`PSGTRConfig` (pre/post-processing knobs; the architecture is fixed by the weights).
 _CONFIG_SETTINGS = (
     "scale",
     "size_divisor",
@@ -55,6 +59,47 @@ _CONFIG_SETTINGS = (
 )
 _DEFAULT_CONFIG = PSGTRConfig()
 _DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+class PSGTRSettings(ExpertSettings):
+    """Settings of the ``psgtr`` expert; defaults reproduce MoAI (the pre/post-processing ones are
+    :class:`PSGTRConfig`'s defaults, which also checks how they combine with the architecture)."""
+
+    scale: tuple[PositiveInt, PositiveInt] = _DEFAULT_CONFIG.scale
+    size_divisor: PositiveInt = _DEFAULT_CONFIG.size_divisor
+    swap_channels: bool = _DEFAULT_CONFIG.swap_channels
+    resize_backend: Literal["cv2", "torch"] = "cv2"
+    mask_padding: bool = _DEFAULT_CONFIG.mask_padding
+    max_per_img: PositiveInt = _DEFAULT_CONFIG.max_per_img
+    mask_threshold: UnitFloat = _DEFAULT_CONFIG.mask_threshold
+    entity_score_threshold: UnitFloat = _DEFAULT_CONFIG.entity_score_threshold
+    relation_score_threshold: UnitFloat = _DEFAULT_CONFIG.relation_score_threshold
+    dedup_iou_threshold: UnitFloat = _DEFAULT_CONFIG.dedup_iou_threshold
+    mask_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    drop_class_index: Optional[int] = _DEFAULT_CONFIG.drop_class_index
+    mask_head_chunk: OptionalPositiveInt = _DEFAULT_CONFIG.mask_head_chunk
+    batch_size: PositiveInt = 2
+    keep_masks: bool = True
+    allow_tf32: Optional[StrictBool] = None
+    filename: str = OFFICIAL_FILENAME
+    repo_type: Optional[str] = OFFICIAL_REPO_TYPE
+    sha256: Optional[str] = None
+    verify_sha256: bool = True
+    convert: bool = True
+    convert_dir: Optional[Union[str, os.PathLike]] = None
+    architecture: Optional[dict[str, int]] = None
+
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _architecture(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("must be a dict of PSGTRConfig structure fields")
+        unknown = sorted(set(value) - set(_ARCHITECTURE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; known: {list(_ARCHITECTURE_FIELDS)}")
+        return value
 
 
 @contextlib.contextmanager
@@ -133,51 +178,35 @@ class PSGTRExpert(Expert):
     ``False`` computes in strict fp32, closest to the CPU numbers), ``filename``, ``repo_type``, ``sha256``
     (expected hash of a non-official file), ``verify_sha256``, ``convert``, ``convert_dir``, ``architecture``
     (a dict of structure fields -- ``depth``, ``num_queries``, ``embed_dim``, ... -- for a non-official
-    checkpoint, e.g. the tiny test model of :func:`moai_sdk.experts.tiny.build_tiny_psgtr`).
+    checkpoint, e.g. the tiny test model of :func:`moai_sdk.testing.build_tiny_psgtr`).
 
     dtype: ``float32`` (MoAI runs PSGTR in fp32), ``float16`` or ``bfloat16`` (GPU speed-ups that change the
     numbers slightly; post-processing always starts from fp32 logits).
     """
 
+    Settings = PSGTRSettings
     name = "psgtr"
     task = "scene_graph"
     default_model_id = OFFICIAL_REPO_ID
-    default_settings: dict[str, Any] = {
-        **{key: getattr(_DEFAULT_CONFIG, key) for key in _CONFIG_SETTINGS},
-        "batch_size": 2,
-        "keep_masks": True,
-        "allow_tf32": None,
-        "filename": OFFICIAL_FILENAME,
-        "repo_type": OFFICIAL_REPO_TYPE,
-        "sha256": None,
-        "verify_sha256": True,
-        "convert": True,
-        "convert_dir": None,
-        "architecture": None,
-    }
 
     def __init__(self, model_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
         self.weights_origin: str | None = None
         self.config = self._build_config()
-        batch = self.settings["batch_size"]
-        if not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"psgtr batch_size must be a positive integer; got {batch!r}")
-        if self.settings["allow_tf32"] not in (None, True, False):
-            raise ConfigError(f"psgtr allow_tf32 must be None, True or False; got {self.settings['allow_tf32']!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"psgtr runs in float32, float16 or bfloat16; got dtype={self.dtype}")
 
     def _build_config(self) -> PSGTRConfig:
         overrides = {key: self.settings[key] for key in _CONFIG_SETTINGS}
-        overrides["scale"] = tuple(overrides["scale"])
-        architecture = self.settings["architecture"] or {}
-        if not isinstance(architecture, dict):
-            raise ConfigError(f"psgtr architecture must be a dict of PSGTRConfig fields; got {architecture!r}")
-        unknown = sorted(set(architecture) - set(_ARCHITECTURE_FIELDS))
-        if unknown:
-            raise ConfigError(f"psgtr architecture: unknown field(s) {unknown}; known: {list(_ARCHITECTURE_FIELDS)}")
-        return _DEFAULT_CONFIG.replace(**overrides, **architecture)
+        return _DEFAULT_CONFIG.replace(**overrides, **(self.settings["architecture"] or {}))
+
+    def _hub_plan(self) -> dict[str, Any] | None:
+        """One weight file of a Hub repository (the official one: a file of the OpenPSG demo Space)."""
+        mid = self.model_id
+        if not isinstance(mid, str) or mid.count("/") != 1 or not is_repo_id(mid):
+            return None
+        s = self.settings
+        return {"method": "file", "filenames": [s["filename"]], "repo_type": s["repo_type"]}
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -189,10 +218,7 @@ class PSGTRExpert(Expert):
             self.model_id,
             filename=self.settings["filename"],
             repo_type=self.settings["repo_type"],
-            revision=self.revision,
-            cache_dir=self.cache_dir,
-            local_files_only=self.local_files_only,
-            token=self.token,
+            hub=self.hub,
             sha256=self.settings["sha256"],
             verify=self.settings["verify_sha256"],
             convert=self.settings["convert"],
@@ -253,18 +279,8 @@ class PSGTRExpert(Expert):
         out = []
         for image, prediction in zip(images, self.predict_raw(images)):
             objects, relations = prediction_to_fields(prediction, keep_masks=self.settings["keep_masks"])
-            h, w = int(image.shape[-2]), int(image.shape[-1])
-            out.append(
-                PerceptionResult(
-                    image_width=w,
-                    image_height=h,
-                    frame_width=w,
-                    frame_height=h,
-                    scene_graph_objects=objects,
-                    relations=relations,
-                )
-            )
+            out.append(self.make_result(image, scene_graph_objects=objects, relations=relations))
         return out
 
 
-__all__ = ["PSGTRExpert", "prediction_to_fields"]
+__all__ = ["PSGTRExpert", "PSGTRSettings", "prediction_to_fields"]

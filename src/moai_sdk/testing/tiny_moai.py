@@ -1,27 +1,5 @@
-"""A tiny offline MoAI for tests and demos: random weights, built locally in seconds, no GPU, no Hub.
-
-Applications built on moai-sdk can test their integration in CI with it::
-
-    from moai_sdk.testing import tiny_pipeline
-
-    def test_my_app(tmp_path):
-        pipe = tiny_pipeline(tmp_path)              # tiny MoAI + tiny experts + the real offline OCR
-        result = pipe("photo.jpg", "What is written here?")
-        assert result.token_counts["generated"] > 0  # the answer text itself is random tokens
-
-What is built:
-
-* :func:`build_tiny_moai` -- a MoAI checkpoint folder in the official layout (``config.json`` with a
-  ``moai_structure`` block, ``model.safetensors``, ``tokenizer.model``, ``tokenizer_config.json``): an 8-layer
-  InternLM2 of width 32 with the MoAI-Mixer in layer 8, a 2-layer CLIP tower of width 40 at 490 x 490
-  (1225 patches, like MoAI-7B), the MoAI-Compressor and a 1000-piece sentencepiece tokenizer. The weights are
-  random but scaled so that activations and logits stay in a sane range (greedy decoding has clear margins).
-* :func:`build_tiny_experts` -- tiny random Mask2Former and OWLv2 checkpoints (and the real RapidOCR, which
-  needs no download), as an ``experts=`` specification for :class:`~moai_sdk.pipeline.MoAIPipeline`.
-* :func:`tiny_pipeline` -- both, wired into a pipeline on CPU in float32.
-
-The answers of the tiny model are random tokens: only the plumbing is real.
-"""
+"""The tiny random MoAI checkpoint: the structure of the moai-tiny oracle fixture, random weights scaled so that
+activations and logits stay in a sane range, saved in the official layout with a small sentencepiece tokenizer."""
 
 from __future__ import annotations
 
@@ -32,17 +10,11 @@ import math
 import shutil
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
 
-from .errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image as PILImage
-
-    from .modeling import MoAIConfig
-    from .pipeline import MoAIPipeline
+from ..modeling import MoAIConfig, MoAIForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +109,6 @@ _GAINS = {"output.weight": 3.0, "wqkv.Plora_main.weight": 2.5, "moai_GA_img.weig
 
 def tiny_config() -> MoAIConfig:
     """The :class:`~moai_sdk.modeling.MoAIConfig` of the tiny MoAI."""
-    from .modeling import MoAIConfig
-
     return MoAIConfig.from_dict(copy.deepcopy(TINY_MOAI_CONFIG))
 
 
@@ -187,8 +157,6 @@ def build_tiny_moai(directory: PathLike, seed: int = 0, *, overwrite: bool = Fal
     A folder already built by this function with the same ``seed`` is reused unless ``overwrite=True``.
     About 1.3 M parameters, 5 MB on disk, a second to build.
     """
-    from .modeling import MoAIForCausalLM
-
     out = Path(directory)
     if not overwrite and _marker_matches(out, seed):
         logger.info("reusing the tiny MoAI in %s", out)
@@ -207,81 +175,11 @@ def build_tiny_moai(directory: PathLike, seed: int = 0, *, overwrite: bool = Fal
     return out
 
 
-def build_tiny_experts(directory: PathLike, *, seed: int = 0, ocr: bool = True) -> dict[str, Any]:
-    """Build tiny random expert checkpoints under ``directory`` and return an ``experts=`` specification.
-
-    Returns ``{"segmentation": {"name": "mask2former", "model_id": ...}, "detection": {"name": "owlv2",
-    "model_id": ...}, "ocr": "rapidocr"}`` (OCR only with ``ocr=True``; RapidOCR ships its real models, which
-    run offline), and a tiny PSGTR (ResNet-18) for the scene graph. Folders already built are reused.
-    """
-    from .experts import tiny
-
-    root = Path(directory)
-    spec: dict[str, Any] = {}
-    m2f = root / "mask2former"
-    if not (m2f / "config.json").is_file():
-        tiny.build_tiny_mask2former(m2f, seed=seed)
-    spec["segmentation"] = {"name": "mask2former", "model_id": str(m2f)}
-    owl = root / "owlv2"
-    if not (owl / "config.json").is_file():
-        tiny.build_tiny_owlv2(owl, seed=seed)
-    spec["detection"] = {"name": "owlv2", "model_id": str(owl)}
-    sgg = root / "psgtr.safetensors"
-    if not sgg.is_file():
-        tiny.build_tiny_psgtr(sgg, seed=seed)
-    spec["scene_graph"] = {"name": "psgtr", "model_id": str(sgg), **tiny.tiny_psgtr_settings()}
-    if ocr:
-        spec["ocr"] = "rapidocr"
-    return spec
-
-
-def tiny_pipeline(directory: PathLike, experts: Any = "tiny", *, seed: int = 0, **options: Any) -> MoAIPipeline:
-    """A :class:`~moai_sdk.pipeline.MoAIPipeline` on a tiny random MoAI built (or reused) in ``directory``.
-
-    ``experts``: ``"tiny"`` (default: :func:`build_tiny_experts` in ``directory/experts``), ``None`` for none, or
-    any ``experts=`` specification. Runs on CPU in float32, offline; other ``options`` go to
-    :meth:`MoAIPipeline.from_pretrained`.
-    """
-    from .pipeline import MoAIPipeline
-
-    root = Path(directory)
-    model_dir = build_tiny_moai(root / "moai", seed=seed)
-    if isinstance(experts, str) and experts == "tiny":
-        experts = build_tiny_experts(root / "experts", seed=seed)
-    settings = {"device": "cpu", "dtype": "float32", "quantization": None, "local_files_only": True}
-    for key in settings:
-        if key in options:
-            settings[key] = options.pop(key)
-    return MoAIPipeline.from_pretrained(str(model_dir), experts=experts, **settings, **options)
-
-
-def demo_image(text: str = "MOAI", size: tuple[int, int] = (640, 480)) -> PILImage.Image:
-    """A synthetic RGB picture: ``text`` in large dark letters over a light background, a red square and a
-    blue disc below it (the real OCR reads the text)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = size
-    if width < 64 or height < 64:
-        raise ConfigError(f"demo_image needs at least 64 x 64 pixels; got {width} x {height}")
-    img = Image.new("RGB", (width, height), (240, 240, 235))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=max(12, height // 8))
-    draw.text((width // 12, height // 8), text, fill=(15, 15, 15), font=font)
-    top = height // 2
-    draw.rectangle((width // 16, top, width // 16 + width // 3, top + height // 3), fill=(200, 40, 40))
-    draw.ellipse(
-        (width // 2 + width // 16, top, width // 2 + width // 16 + width // 3, top + height // 3), fill=(40, 90, 200)
-    )
-    return img
-
-
 __all__ = [
     "TINY_MOAI_CONFIG",
     "TINY_RECIPE_VERSION",
+    "TINY_TOKENIZER_CONFIG",
     "tiny_config",
     "init_tiny_weights",
     "build_tiny_moai",
-    "build_tiny_experts",
-    "tiny_pipeline",
-    "demo_image",
 ]
