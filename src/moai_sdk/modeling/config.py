@@ -130,6 +130,20 @@ class MoAIConfig:
         return self.vocab_size if self.image_token_index is None else int(self.image_token_index)
 
     @property
+    def context_window(self) -> int:
+        """Most positions (prompt + image tokens + new tokens) one sequence may use.
+
+        ``max_position_embeddings``, times the ``factor`` of linear or dynamic RoPE scaling: linear scaling
+        divides positions by the factor; dynamic (NTK) scaling raises the rotary base once a sequence passes
+        ``max_position_embeddings``, which keeps up to ``factor`` times as many positions within the range the
+        scaling was designed for (quality still degrades gradually past ``max_position_embeddings``).
+        """
+        factor = 1.0
+        if self.rope_scaling:
+            factor = max(1.0, float(self.rope_scaling.get("factor", 1.0)))
+        return int(self.max_position_embeddings * factor)
+
+    @property
     def mixer_layer_indices(self) -> list[int]:
         s = self.structure
         if s.mixer_layers is not None:

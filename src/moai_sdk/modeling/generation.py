@@ -12,17 +12,72 @@ the way transformers' default beam search does (``early_stopping=False``).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..devices import synchronize
-from ..errors import GenerationError
+from ..errors import GenerationError, InputError
 from .internlm2 import KVCache
 
 logger = logging.getLogger(__name__)
+
+
+#: Upper bound of ``max_new_tokens`` when the model's context window is not known (a guard against values such
+#: as 10**9 reaching the allocator); :func:`generate` bounds it by the model's window.
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+
+#: Most beams beam search accepts (each beam is a full copy of the KV cache).
+MAX_NUM_BEAMS = 64
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise GenerationError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def _as_int(name: str, value: Any, low: int, high: int | None, high_name: str, hint: str = "") -> int:
+    """An integer option (numpy integers accepted; bool and float are not integers) within [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise GenerationError(f"{name} must be an integer{hint}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high:,} ({high_name})" if high is not None else f">= {low}"
+        raise GenerationError(f"{name} must be {bound}{hint}, got {value:,}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> float:
+    """A real-number option: int or float (numpy too), not bool, finite."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise GenerationError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise GenerationError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _as_stop_list(stop: Any) -> list[str]:
+    """``stop`` as a list of non-empty strings (``None`` = none, one string = one stop string)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise GenerationError("stop strings must not be empty (an empty string would stop after the first token)")
+    for s in stop:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise GenerationError(f"stop string {s!r} is not valid Unicode text: {exc}") from exc
+    return list(stop)
 
 
 @dataclass
@@ -46,25 +101,43 @@ class GenerationSettings:
     #: run without a graph. Greedy and sampling only (beam search reorders the cache and decodes as usual).
     cuda_graphs: bool = False
 
-    def validate(self) -> GenerationSettings:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+    def validate(self, *, window: int | None = None) -> GenerationSettings:
+        """Check every option's type and range (bool is not an int, floats must be finite); normalise ``stop``.
+
+        ``window`` (the model's context window, when known) bounds ``max_new_tokens``; without it the bound is
+        :data:`MAX_NEW_TOKENS_LIMIT`. Raises :class:`~moai_sdk.GenerationError` naming the option.
+        """
+        self.do_sample = _as_bool("do_sample", self.do_sample)
+        self.cuda_graphs = _as_bool("cuda_graphs", self.cuda_graphs)
+        limit = MAX_NEW_TOKENS_LIMIT if window is None else min(int(window), MAX_NEW_TOKENS_LIMIT)
+        where = "the model's context window" if window is not None else "MAX_NEW_TOKENS_LIMIT"
+        self.max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, 1, limit, where)
+        self.top_k = _as_int("top_k", self.top_k, 0, None, "", hint=" (0 = off)")
+        self.num_beams = _as_int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS, "MAX_NUM_BEAMS")
+        self.temperature = _as_float("temperature", self.temperature)
+        self.top_p = _as_float("top_p", self.top_p)
+        self.length_penalty = _as_float("length_penalty", self.length_penalty)
+        self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
         if self.temperature <= 0:
             raise GenerationError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.num_beams < 1:
-            raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
             raise GenerationError(
                 "beam sampling is not supported: use num_beams=1 with do_sample=True, or do_sample=False"
             )
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        if self.seed is not None:
+            self.seed = _as_int("seed", self.seed, 0, 2**64 - 1, "2**64 - 1 (torch's seed range)")
+        if self.pad_token_id is not None:
+            self.pad_token_id = _as_int("pad_token_id", self.pad_token_id, 0, None, "")
+        if self.eos_token_id is not None:
+            if isinstance(self.eos_token_id, (list, tuple)):  # [] = never stop at an EOS id
+                self.eos_token_id = [_as_int("eos_token_id", e, 0, None, "") for e in self.eos_token_id]
+            else:
+                self.eos_token_id = _as_int("eos_token_id", self.eos_token_id, 0, None, "")
+        self.stop = _as_stop_list(self.stop)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +171,24 @@ class GenerationSettings:
         if unknown:
             raise GenerationError(f"unknown generation options: {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**values).validate()
+
+
+def check_context_length(
+    prompt_tokens: int, image_tokens: int, max_new_tokens: int, window: int, note: str = ""
+) -> None:
+    """Refuse, before any compute, a request whose positions would not fit the model's context window.
+
+    ``prompt_tokens`` counts the text tokens (BOS included, the ``<image>`` placeholder not); the placeholder
+    becomes ``image_tokens`` positions; generation adds up to ``max_new_tokens``. Raises
+    :class:`~moai_sdk.InputError` stating every number.
+    """
+    total = prompt_tokens + image_tokens + max_new_tokens
+    if total > window:
+        raise InputError(
+            f"the request needs {total:,} positions -- prompt {prompt_tokens:,} tokens + image {image_tokens:,} "
+            f"+ max_new_tokens {max_new_tokens:,} -- but the model's context window is {window:,}{note}; "
+            "shorten the prompt or lower max_new_tokens"
+        )
 
 
 @dataclass
@@ -212,6 +303,10 @@ def generate(
 
     n_image = model.config.structure.num_patches
     capacity = t - 1 + n_image + settings.max_new_tokens
+    check_context_length(t - 1, n_image, settings.max_new_tokens, model.config.context_window)
+    bad_ids = [i for i in _eos_list(settings, 0) + [pad_id] if not 0 <= int(i) < vocab]
+    if bad_ids:
+        raise GenerationError(f"eos/pad token ids {bad_ids} lie outside the vocabulary (0..{vocab - 1})")
     cache = KVCache.allocate(model.config, b, capacity, model.dtype, device)
     t0 = time.perf_counter()
     out = model(
