@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
+from moai_sdk import InputError
 from moai_sdk.modeling import interpolate_position_table
 
 
@@ -27,5 +28,5 @@ def test_interpolation_matches_fixture(prefix):
 def test_interpolation_leaves_a_resized_table_alone_and_rejects_others():
     t = torch.randn(1226, 8)
     assert interpolate_position_table(t, 24, 35) is t
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(InputError, match="rows"):
         interpolate_position_table(torch.randn(100, 8), 24, 35)

@@ -1,4 +1,4 @@
-"""MoAI-Compressor: a Perceiver resampler that condenses the auxiliary tokens into 64 learned latents.
+"""MoAI-Compressor: condenses the auxiliary tokens into 64 learned latents, the way a Perceiver resampler does.
 
 Input ("media"): the word embeddings of the verbalized expert outputs followed by the 1225 projected CLIP
 tokens of the panoptic colour map. Each block: LayerNorm on media and on latents; queries from the latents,
@@ -53,7 +53,12 @@ def _feed_forward(dim: int, mult: float) -> nn.Sequential:
     )
 
 
-class PerceiverResampler(nn.Module):
+class MoAICompressor(nn.Module):
+    """The MoAI-Compressor: ``media`` [B, N, D] (verbalization embeddings + panoptic-map tokens) -> [B, 64, D].
+
+    A Perceiver resampler: learned latents attend to [media; latents] in ``depth`` blocks (see the module text).
+    """
+
     def __init__(
         self, dim: int, depth: int = 4, dim_head: int = 64, heads: int = 4, num_latents: int = 64, ff_mult: float = 1
     ):
@@ -65,7 +70,7 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     @classmethod
-    def from_config(cls, config: MoAIConfig) -> PerceiverResampler:
+    def from_config(cls, config: MoAIConfig) -> MoAICompressor:
         s = config.structure
         return cls(
             config.hidden_size,
@@ -90,4 +95,7 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
-__all__ = ["PerceiverResampler", "PerceiverAttention"]
+#: The former name of :class:`MoAICompressor` (the Perceiver is how it works, not what it is); kept as an alias.
+PerceiverResampler = MoAICompressor
+
+__all__ = ["MoAICompressor", "PerceiverResampler", "PerceiverAttention"]

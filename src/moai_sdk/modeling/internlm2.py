@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError, InputError
 from .config import MoAIConfig
 
 
@@ -190,16 +191,19 @@ class InternLM2Attention(nn.Module):
         )
         #: "sdpa" (default) or "eager" (the official matmul-softmax-matmul; the benchmark baseline).
         self.attn_implementation = "sdpa"
-        # The mixer's experts and gates sit directly on this module under their official names
-        # (``attention.moai_CA_img_aux`` ...); ``self._mixer`` keeps the object that knows how to run them.
-        self._mixer = [mixer] if mixer is not None else []
+        self.attach_mixer(mixer)
+
+    def attach_mixer(self, mixer: nn.Module | None) -> None:
+        """Run ``mixer`` (a :class:`~moai_sdk.modeling.mixer.MoAIMixer`, or ``None`` for none) before ``wqkv``.
+
+        As in the released checkpoint, the mixer's experts and gates are this module's children under their
+        official names (``attention.moai_CA_img_aux`` ...), so :attr:`mixer` is a plain attribute: registering
+        the mixer itself would add a second name (``attention.mixer.*``) for the same weights.
+        """
         if mixer is not None:
             for name, child in mixer.named_children():
                 self.add_module(name, child)
-
-    @property
-    def mixer(self) -> nn.Module | None:
-        return self._mixer[0] if self._mixer else None
+        object.__setattr__(self, "mixer", mixer)
 
     def forward(
         self,
@@ -315,7 +319,7 @@ class InternLM2MLP(nn.Module):
         self.w3 = PLoRALinear(h, i, False, s.plora_rank, s.plora_alpha)
         self.w2 = PLoRALinear(i, h, False, s.plora_rank, s.plora_alpha)
         if config.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
+            raise ConfigError(f"unsupported hidden_act {config.hidden_act!r}; InternLM2 uses 'silu'")
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
@@ -335,16 +339,19 @@ class InternLM2DecoderLayer(nn.Module):
 
 
 class InternLM2Model(nn.Module):
-    """Token embeddings (vocabulary + the ``<image>`` row), decoder layers, final norm."""
+    """Token embeddings (vocabulary + the ``<image>`` row), decoder layers, final norm.
 
-    def __init__(self, config: MoAIConfig, mixer_factory=None):
+    ``mixers`` maps a layer index to the mixer that layer runs before its attention (MoAI passes one
+    :class:`~moai_sdk.modeling.mixer.MoAIMixer` per index in ``config.mixer_layer_indices``).
+    """
+
+    def __init__(self, config: MoAIConfig, mixers: dict[int, nn.Module] | None = None):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size + 1, config.hidden_size)
-        mixer_layers = set(config.mixer_layer_indices)
+        mixers = mixers or {}
         self.layers = nn.ModuleList(
-            InternLM2DecoderLayer(config, mixer_factory(config) if (mixer_factory and i in mixer_layers) else None)
-            for i in range(config.num_hidden_layers)
+            InternLM2DecoderLayer(config, mixers.get(i)) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -376,7 +383,7 @@ class InternLM2Model(nn.Module):
         past = cache.length if cache is not None else 0
         kv_length = past + q_len
         if attention_mask.shape[-1] != kv_length:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_length}")
+            raise InputError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_length}")
         dtype = inputs_embeds.dtype
         # One host check per pass (prefill only): no image position -> PLoRA and mixer are skipped everywhere.
         if im_mask is not None and not bool(im_mask.any()):
@@ -414,15 +421,15 @@ class InternLM2Model(nn.Module):
         cache_index: torch.Tensor,
     ) -> torch.Tensor:
         if cache is None or inputs_embeds.shape[1] != 1:
-            raise ValueError("a fixed-shape step takes one new token and a cache")
+            raise InputError("a fixed-shape step takes one new token and a cache")
         capacity = cache.capacity
         if attention_mask.shape[-1] != capacity:
-            raise ValueError(
+            raise InputError(
                 f"attention_mask covers {attention_mask.shape[-1]} positions, expected the capacity {capacity}"
             )
         rotary = self.layers[0].attention.rotary if self.layers else None
         if rotary is not None and rotary.varies_with_length(capacity):
-            raise ValueError("dynamic RoPE scaling depends on the running length; fixed-shape steps cannot follow it")
+            raise ConfigError("dynamic RoPE scaling depends on the running length; fixed-shape steps cannot follow it")
         dtype = inputs_embeds.dtype
         attn_bias = build_attention_bias(attention_mask, 1, capacity - 1, dtype)
         rope = rotary(positions, capacity, dtype) if rotary is not None else None
@@ -448,7 +455,7 @@ def build_attention_bias(attention_mask: torch.Tensor, q_len: int, past: int, dt
     """Additive mask [B, 1, q_len, past + q_len]: 0 where a query may attend, the dtype's minimum elsewhere."""
     kv_len = past + q_len
     if attention_mask.shape[-1] != kv_len:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_len}")
+        raise InputError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_len}")
     device = attention_mask.device
     allowed = attention_mask[:, None, None, :].bool()
     if q_len > 1:  # causal part (a single new token may see every key)

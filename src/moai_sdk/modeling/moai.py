@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from ..devices import resolve_device, resolve_dtype
 from ..errors import InputError
 from ..hub import HubOptions
-from .compressor import PerceiverResampler
+from .compressor import MoAICompressor
 from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig, check_attn_implementation
 from .generation import GenerateOutput, generate
 from .internlm2 import InternLM2Model, KVCache
@@ -45,32 +45,34 @@ class MoAIOutput:
     cache: KVCache | None = None
     image_features: torch.Tensor | None = None
     compressed_aux: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     #: With ``forward(output_gates=True)``: the gate weights of every mixer layer that ran, in layer order
     #: (empty for a cached decoding step: generated tokens never reach the mixer); ``None`` otherwise.
     gate_weights: list[GateWeights] | None = None
-
-    @property
-    def past_key_values(self) -> KVCache | None:
-        return self.cache
 
 
 _OFFICIAL_IGNORED = {"mode", "position_ids", "labels", "return_dict", "output_attentions", "output_hidden_states"}
 
 
 class MoAIForCausalLM(nn.Module):
-    """The MoAI model (official parameter names: ``model.*``, ``output``, ``vit.*``, ``vision_proj``,
-    ``moai_compressor``)."""
+    """The MoAI model, its stages under the official parameter names:
+
+    * ``vit`` + ``vision_proj`` -- CLIP tower and projector (:meth:`encode_images`);
+    * ``moai_compressor`` (also :attr:`compressor`) -- the :class:`~moai_sdk.modeling.compressor.MoAICompressor`
+      that turns the verbalization and the panoptic map into the auxiliary tokens (:meth:`compress`);
+    * ``model`` -- the InternLM2 decoder; every layer in ``config.mixer_layer_indices`` runs a
+      :class:`~moai_sdk.modeling.mixer.MoAIMixer` first (:attr:`mixers`);
+    * ``output`` -- the LM head.
+    """
 
     def __init__(self, config: MoAIConfig):
         super().__init__()
         config.validate()
         self.config = config
-        self.model = InternLM2Model(config, mixer_factory=MoAIMixer)
+        self.model = InternLM2Model(config, mixers={i: MoAIMixer(config) for i in config.mixer_layer_indices})
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.vit = CLIPVisionTower(config)
         self.vision_proj = VisionProjector(config)
-        self.moai_compressor = PerceiverResampler.from_config(config)
+        self.moai_compressor = MoAICompressor.from_config(config)
         #: Filled by the loader: where the weights came from and how they were quantized.
         self.load_info: dict[str, Any] = {}
 
@@ -84,7 +86,16 @@ class MoAIForCausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     @property
+    def compressor(self) -> MoAICompressor:
+        """The MoAI-Compressor (the module the checkpoint calls ``moai_compressor``)."""
+        return self.moai_compressor
+
+    @property
     def mixers(self) -> list[MoAIMixer]:
+        """The MoAI-Mixer of every mixer layer, in layer order (the layers of ``config.mixer_layer_indices``).
+
+        Their weights are the ``model.layers.<i>.attention.moai_*`` entries of the checkpoint.
+        """
         return [layer.attention.mixer for layer in self.model.layers if layer.attention.mixer is not None]
 
     def set_attn_implementation(self, name: str) -> None:
@@ -145,9 +156,14 @@ class MoAIForCausalLM(nn.Module):
         aux = torch.cat((words, map_tokens.to(words.dtype)), dim=1)
         if aux_attention_mask is None:
             aux_attention_mask = torch.ones_like(ids)
-        ones = torch.ones(map_tokens.shape[:2], dtype=torch.bool, device=self.device)
-        mask = torch.cat((aux_attention_mask.to(self.device).bool(), ones), dim=1)
+        mask = self.aux_key_mask(aux_attention_mask, aux.shape[1])
         return aux, mask
+
+    def aux_key_mask(self, aux_attention_mask: torch.Tensor, aux_length: int) -> torch.Tensor:
+        """Key mask of ``aux_embeds`` [B, aux_length]: the verbalization's mask, then True for every map token."""
+        text = aux_attention_mask.to(self.device).bool()
+        ones = torch.ones(text.shape[0], aux_length - text.shape[1], dtype=torch.bool, device=self.device)
+        return torch.cat((text, ones), dim=1)
 
     def compress(self, aux_embeds: torch.Tensor, aux_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.moai_compressor(aux_embeds.to(self.device, self.moai_compressor.latents.dtype), aux_mask)
@@ -249,9 +265,7 @@ class MoAIForCausalLM(nn.Module):
                     )
                 aux_embeds, aux_mask = self.build_aux_embeds(aux_input_ids, panoptic_pixel_values, aux_attention_mask)
             elif aux_attention_mask is not None:
-                n_map = aux_embeds.shape[1] - aux_attention_mask.shape[1]
-                ones = torch.ones(aux_embeds.shape[0], n_map, dtype=torch.bool, device=device)
-                aux_mask = torch.cat((aux_attention_mask.to(device).bool(), ones), dim=1)
+                aux_mask = self.aux_key_mask(aux_attention_mask, aux_embeds.shape[1])
             compressed_aux = self.compress(aux_embeds, aux_mask).to(image_features.dtype)
 
         merged, merged_mask, img_pos = self.merge_image_features(input_ids, embeds, image_features, attention_mask)

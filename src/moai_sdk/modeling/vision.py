@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .config import MoAIConfig
 
 
@@ -28,7 +29,7 @@ def interpolate_position_table(table: torch.Tensor, from_grid: int, to_grid: int
     if n == 1 + to_grid * to_grid:
         return table
     if n != 1 + from_grid * from_grid:
-        raise ValueError(
+        raise InputError(
             f"position table has {n} rows; expected {1 + from_grid**2} (grid {from_grid}) or {1 + to_grid**2}"
         )
     cls_row = table[:1]
