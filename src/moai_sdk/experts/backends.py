@@ -1,8 +1,9 @@
 """Backend plumbing the experts share: ultralytics (import, device names, precision, batched predict), keeping
-the caller's thread settings, batching, and transformers' image-processor selection.
+the caller's thread settings, batching, transformers' image-processor selection, and the two backend families'
+base classes (:class:`TransformersExpert`, :class:`UltralyticsExpert`).
 
-Nothing here fetches weights (that is :mod:`moai_sdk.experts.weights`); these helpers adapt third-party inference
-libraries to the expert interface.
+Weights are located by :mod:`moai_sdk.experts.weights`; these helpers adapt third-party inference libraries to the
+expert interface.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DependencyError
+from .base import Expert
+from .weights import load_pretrained, resolve_weight_file, transformers_hub_plan, weight_file_hub_plan
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +147,61 @@ def ultralytics_precision_kwargs(dtype: Any) -> dict[str, Any]:
     return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
 
 
+class TransformersExpert(Expert):
+    """An expert whose processor and model load with transformers ``from_pretrained`` from a Hub repo or a folder.
+
+    Subclasses have an ``image_backend`` setting; ``moai download`` fetches a snapshot of the repo's configs,
+    processor files and weights.
+    """
+
+    def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(model_id, **kwargs)
+        self.processor: Any = None
+
+    def _hub_plan(self) -> Optional[dict[str, Any]]:
+        return transformers_hub_plan(self.model_id)
+
+    def _load_pretrained(self, processor_loader: Callable[..., Any], model_loader: Callable[..., Any]) -> Any:
+        """Load the processor (with the configured image backend) into ``self.processor`` and return the model,
+        not yet moved to the device (see :meth:`_place`)."""
+        backend = image_processor_backend_kwargs(self.settings["image_backend"])
+        self.processor = load_pretrained(processor_loader, self.model_id, self.hub, self.name, **backend)
+        return load_pretrained(model_loader, self.model_id, self.hub, self.name)
+
+    def _place(self, model: Any) -> None:
+        """Move ``model`` to the expert's device and dtype (float32 unless one was given), in eval mode."""
+        self.model = model.to(device=self.device, dtype=self.dtype or torch.float32).eval()
+
+    def _to_device(self, inputs: Any) -> dict[str, torch.Tensor]:
+        """Processor outputs on the model's device; floating tensors in the model's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return {
+            key: value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
+            for key, value in inputs.items()
+        }
+
+    def _unload(self) -> None:
+        self.processor = None
+        super()._unload()
+
+
+class UltralyticsExpert(Expert):
+    """An expert running an ultralytics model: ``model_id`` is a local weight file, an ultralytics name (fetched
+    by ultralytics itself) or ``hf://owner/repo/file.pt`` (fetched through :mod:`moai_sdk.hub`)."""
+
+    def _hub_plan(self) -> Optional[dict[str, Any]]:
+        return weight_file_hub_plan(self.model_id)
+
+    def _open_ultralytics(self) -> tuple[Any, str]:
+        """The ultralytics module and the weights to open; refuses dtypes ultralytics cannot run."""
+        ultralytics = import_ultralytics(offline=self.hub.offline)
+        ultralytics_precision_kwargs(self.dtype)
+        return ultralytics, resolve_weight_file(self.model_id, self.hub, self.name)
+
+
 __all__ = [
+    "TransformersExpert",
+    "UltralyticsExpert",
     "import_ultralytics",
     "chunks",
     "ultralytics_predict",

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,17 +26,9 @@ import torch
 from pydantic import field_validator
 
 from ..results import Box, Detection, PerceptionResult, load_vocab
-from .backends import (
-    chunks,
-    image_processor_backend_kwargs,
-    import_ultralytics,
-    keeps_thread_settings,
-    ultralytics_precision_kwargs,
-    ultralytics_predict,
-)
-from .base import Expert, frame_result, register_expert
+from .backends import TransformersExpert, UltralyticsExpert, chunks, keeps_thread_settings, ultralytics_predict
+from .base import frame_result, register_expert
 from .settings import ExpertSettings, ImageBackend, OptionalPositiveInt, PositiveInt, UnitFloat
-from .weights import load_pretrained, resolve_weight_file, transformers_hub_plan, weight_file_hub_plan
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +56,22 @@ class QuerySettings(ExpertSettings):
         return out
 
 
-def _queries_of(settings: dict[str, Any]) -> tuple[str, ...]:
-    queries = settings["queries"]
-    return official_queries() if queries is None else tuple(queries)
+class OpenVocabulary:
+    """Mixin of the open-vocabulary detectors: :attr:`queries` is the ``queries`` setting (default: the official
+    1847 names), and the cache key names the list by its count and digest instead of spelling it out."""
+
+    settings: dict[str, Any]
+
+    @functools.cached_property
+    def queries(self) -> tuple[str, ...]:
+        queries = self.settings["queries"]
+        return official_queries() if queries is None else tuple(queries)
+
+    def cache_key(self) -> str:
+        """Model id, revision and settings, with the query list replaced by its count and digest."""
+        payload = json.loads(super().cache_key())  # type: ignore[misc]
+        payload["settings"]["queries"] = f"{len(self.queries)} queries sha256:{_queries_digest(self.queries)}"
+        return json.dumps(payload, sort_keys=True)
 
 
 def detection_fields(
@@ -127,7 +133,7 @@ def _queries_digest(queries: Sequence[str]) -> str:
 
 
 @register_expert
-class Owlv2Expert(Expert):
+class Owlv2Expert(OpenVocabulary, TransformersExpert):
     """Open-vocabulary detection with OWLv2, as the official MoAI demo runs it.
 
     Settings:
@@ -156,44 +162,21 @@ class Owlv2Expert(Expert):
 
     def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(model_id, **kwargs)
-        self.queries: tuple[str, ...] = _queries_of(self.settings)
-        self.processor: Any = None
         self._query_embeds: Optional[torch.Tensor] = None  # [1, Q, D], L2-normalised like the full forward
         self._query_mask: Optional[torch.Tensor] = None  # [1, Q] bool
         self.text_encodings = 0  # how many times the query list went through the text tower
 
-    def cache_key(self) -> str:
-        """Model id, revision and settings, with the query list replaced by its count and digest."""
-        payload = json.loads(super().cache_key())
-        payload["settings"]["queries"] = f"{len(self.queries)} queries sha256:{_queries_digest(self.queries)}"
-        return json.dumps(payload, sort_keys=True)
-
-    def _hub_plan(self) -> Optional[dict[str, Any]]:
-        return transformers_hub_plan(self.model_id)
-
     def _load(self) -> None:
         from transformers import AutoProcessor, Owlv2ForObjectDetection
 
-        backend = image_processor_backend_kwargs(self.settings["image_backend"])
-        processor = load_pretrained(AutoProcessor.from_pretrained, self.model_id, self.hub, self.name, **backend)
-        model = load_pretrained(Owlv2ForObjectDetection.from_pretrained, self.model_id, self.hub, self.name)
-        model.to(device=self.device, dtype=self.dtype or torch.float32).eval()
-        self.processor, self.model = processor, model
+        self._place(self._load_pretrained(AutoProcessor.from_pretrained, Owlv2ForObjectDetection.from_pretrained))
         self._query_embeds = self._query_mask = None
 
     def _unload(self) -> None:
-        self.processor = None
         self._query_embeds = self._query_mask = None
         super()._unload()
 
     # --- pieces -------------------------------------------------------------------------------------------
-
-    def _to_device(self, inputs: Any) -> dict[str, torch.Tensor]:
-        dtype = next(self.model.parameters()).dtype
-        return {
-            key: value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
-            for key, value in inputs.items()
-        }
 
     def encode_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Query embeddings ``[1, Q, D]`` and validity mask ``[1, Q]``, computed on first use and cached."""
@@ -280,7 +263,7 @@ class Owlv2Expert(Expert):
 
 
 @register_expert
-class YoloWorldExpert(Expert):
+class YoloWorldExpert(OpenVocabulary, UltralyticsExpert):
     """Open-vocabulary detection with ultralytics YOLO-World (or YOLOE when the weight name says ``yoloe``).
 
     The query list (default: the official 1847 names) is set once, when the model loads: ultralytics then
@@ -300,27 +283,13 @@ class YoloWorldExpert(Expert):
     task = "detection"
     default_model_id = "yolov8l-worldv2.pt"
 
-    def __init__(self, model_id: Optional[str] = None, **kwargs: Any) -> None:
-        super().__init__(model_id, **kwargs)
-        self.queries: tuple[str, ...] = _queries_of(self.settings)
-
-    def cache_key(self) -> str:
-        payload = json.loads(super().cache_key())
-        payload["settings"]["queries"] = f"{len(self.queries)} queries sha256:{_queries_digest(self.queries)}"
-        return json.dumps(payload, sort_keys=True)
-
     @property
     def is_yoloe(self) -> bool:
         return "yoloe" in str(self.model_id).lower()
 
-    def _hub_plan(self) -> Optional[dict[str, Any]]:
-        return weight_file_hub_plan(self.model_id)
-
     @keeps_thread_settings
     def _load(self) -> None:
-        ultralytics = import_ultralytics(offline=self.hub.offline)
-        ultralytics_precision_kwargs(self.dtype)  # refuses dtypes ultralytics cannot run
-        weights = resolve_weight_file(self.model_id, self.hub, self.name)
+        ultralytics, weights = self._open_ultralytics()
         classes = list(self.queries)
         if self.is_yoloe:
             model = ultralytics.YOLOE(weights)

@@ -24,17 +24,9 @@ from pydantic import field_validator
 
 from ..errors import ConfigError, ExpertError
 from ..results import PerceptionResult, Segment, load_vocab
-from .backends import (
-    chunks,
-    image_processor_backend_kwargs,
-    import_ultralytics,
-    keeps_thread_settings,
-    ultralytics_precision_kwargs,
-    ultralytics_predict,
-)
-from .base import Expert, frame_result, register_expert
+from .backends import TransformersExpert, UltralyticsExpert, chunks, keeps_thread_settings, ultralytics_predict
+from .base import frame_result, register_expert
 from .settings import ExpertSettings, ImageBackend, PositiveInt, UnitFloat
-from .weights import load_pretrained, resolve_weight_file, transformers_hub_plan, weight_file_hub_plan
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +95,7 @@ def panoptic_result(
 
 
 @register_expert
-class Mask2FormerExpert(Expert):
+class Mask2FormerExpert(TransformersExpert):
     """Panoptic segmentation with Mask2Former, as the official MoAI demo runs it.
 
     Settings (defaults = the official call):
@@ -145,19 +137,12 @@ class Mask2FormerExpert(Expert):
     task = "segmentation"
     default_model_id = "facebook/mask2former-swin-base-coco-panoptic"
 
-    def __init__(self, model_id: str | None = None, **kwargs: Any) -> None:
-        super().__init__(model_id, **kwargs)
-        self.processor: Any = None
-
-    def _hub_plan(self) -> dict[str, Any] | None:
-        return transformers_hub_plan(self.model_id)
-
     def _load(self) -> None:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        backend = image_processor_backend_kwargs(self.settings["image_backend"])
-        processor = load_pretrained(AutoImageProcessor.from_pretrained, self.model_id, self.hub, self.name, **backend)
-        model = load_pretrained(Mask2FormerForUniversalSegmentation.from_pretrained, self.model_id, self.hub, self.name)
+        model = self._load_pretrained(
+            AutoImageProcessor.from_pretrained, Mask2FormerForUniversalSegmentation.from_pretrained
+        )
         num_labels = int(model.config.num_labels)
         expected = len(coco_panoptic_classes())
         if num_labels != expected:
@@ -165,12 +150,7 @@ class Mask2FormerExpert(Expert):
                 f"{self.model_id!r} predicts {num_labels} classes; the mask2former expert needs a COCO-panoptic "
                 f"model ({expected} classes), e.g. {self.default_model_id!r}"
             )
-        model.to(device=self.device, dtype=self.dtype or torch.float32).eval()
-        self.processor, self.model = processor, model
-
-    def _unload(self) -> None:
-        self.processor = None
-        super()._unload()
+        self._place(model)
 
     def _predict(self, images: list[torch.Tensor]) -> list[PerceptionResult]:
         s = self.settings
@@ -196,13 +176,7 @@ class Mask2FormerExpert(Expert):
     def _forward(self, frames: list[torch.Tensor]) -> Any:
         """Processor + model on a batch of frames (the frames go to the processor as uint8 CHW tensors, as
         in the official code); logits come back in float32. Call under ``torch.inference_mode()``."""
-        inputs = self.processor(images=frames, return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
-        batch = {
-            key: value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
-            for key, value in inputs.items()
-        }
-        outputs = self.model(**batch)
+        outputs = self.model(**self._to_device(self.processor(images=frames, return_tensors="pt")))
         if outputs.class_queries_logits.dtype != torch.float32:
             outputs.class_queries_logits = outputs.class_queries_logits.float()
             outputs.masks_queries_logits = outputs.masks_queries_logits.float()
@@ -273,7 +247,7 @@ def instances_to_panoptic(
 
 
 @register_expert
-class YoloSegExpert(Expert):
+class YoloSegExpert(UltralyticsExpert):
     """Instance segmentation with an ultralytics YOLO ``-seg`` model (no stuff classes).
 
     ``model_id`` is a weight file, an ultralytics name (``yolo11m-seg.pt`` is fetched by ultralytics; a
@@ -300,14 +274,9 @@ class YoloSegExpert(Expert):
         super().__init__(model_id, **kwargs)
         self.class_map: dict[int, int] = {}
 
-    def _hub_plan(self) -> dict[str, Any] | None:
-        return weight_file_hub_plan(self.model_id)
-
     @keeps_thread_settings
     def _load(self) -> None:
-        ultralytics = import_ultralytics(offline=self.hub.offline)
-        ultralytics_precision_kwargs(self.dtype)  # refuses dtypes ultralytics cannot run
-        weights = resolve_weight_file(self.model_id, self.hub, self.name)
+        ultralytics, weights = self._open_ultralytics()
         model = ultralytics.YOLO(weights)
         if model.task != "segment":
             raise ConfigError(f"{self.model_id!r} is a {model.task!r} model; yolo-seg needs a segmentation model")
