@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from .batch import cli as batch_cli
 from .cli_options import add_experts_option as _add_experts_option
 from .cli_options import add_generation_options as _add_generation_options
 from .cli_options import add_hub_options as _add_hub_options
@@ -31,6 +32,7 @@ from .cli_options import pipeline_from_args as _pipeline_from_args
 from .errors import ConfigError, InputError, MoAIError
 from .experts.weights import TRANSFORMERS_BIN_PATTERNS, TRANSFORMERS_FILE_PATTERNS
 from .hub import HubOptions, download_first, snapshot
+from .serve import cli as serve_cli
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", default=None, help="use this image instead of the generated one")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--workdir", default=None, help="where to build the tiny model (default: a temporary folder)")
+    batch_cli.add_parsers(sub)
+
+    serve_cli.add_parser(sub)
     return parser
 
 
@@ -496,6 +501,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "download": cmd_download,
     "info": cmd_info,
     "demo": cmd_demo,
+    **batch_cli.COMMANDS,
+    "serve": serve_cli.run,
 }
 
 
