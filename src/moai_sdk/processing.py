@@ -27,7 +27,7 @@ import torch
 
 from .errors import ConfigError, InputError
 from .imageops import load_image_chw, prepare_image, split_images
-from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template
+from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template, prompt_parts
 from .tokenization import MoAITokenizer, resolve_model_file
 
 logger = logging.getLogger(__name__)
@@ -432,6 +432,7 @@ class MoAIProcessor:
         *,
         template: str | Sequence[str] = DEFAULT_TEMPLATE,
         resize: bool = True,
+        allow_special_tokens: bool = False,
     ) -> MoAIInputs:
         """Build the model inputs of a batch.
 
@@ -445,6 +446,9 @@ class MoAIProcessor:
             template: ``"chat"`` (the benchmarks' InternLM2 template) or ``"demo"``; a list gives one per row.
             resize: apply the official resize (torchvision bilinear, no antialias); with ``False`` images
                 must already be ``image_size`` square.
+            allow_special_tokens: with ``False`` (default) control strings written in a prompt or an aux text
+                (``</s>``, ``<s>``, ``[UNUSED_TOKEN_145]``, ...) are tokenized as plain text, so a prompt cannot
+                end its turn; ``True`` makes them control tokens, for callers who build raw prompts.
         """
         image_list = self._as_image_list(images)
         batch = len(image_list)
@@ -469,9 +473,14 @@ class MoAIProcessor:
             raise InputError(f"pass a list of {batch} panoptic maps (one per image)")
 
         texts = [build_prompt(p, t) for p, t in zip(prompt_list, template_list, strict=True)]
-        text = self.tokenizer(texts)
+        if allow_special_tokens:
+            text, aux = self.tokenizer(texts), self.tokenizer(aux_list)
+        else:
+            encode = self.tokenizer.encode_parts
+            parts = [prompt_parts(p, t) for p, t in zip(prompt_list, template_list, strict=True)]
+            text = self.tokenizer.pad([encode(part) for part in parts])
+            aux = self.tokenizer.pad([encode([(a, False)]) for a in aux_list])
         im_mask, lang_mask = self.image_masks(text["input_ids"], text["attention_mask"])
-        aux = self.tokenizer(aux_list)
         pixel_values = self.normalize(self.load_images(image_list, resize=resize))
         panoptic = self.panoptic_pixel_values(map_list)
         return MoAIInputs(

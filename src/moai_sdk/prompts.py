@@ -55,6 +55,13 @@ def user_turn(prompt: str, template: str = DEFAULT_TEMPLATE) -> str:
     check_template(template)
     if not isinstance(prompt, str):
         raise InputError(f"a prompt must be a str; got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"the prompt is not valid Unicode: {prompt[exc.start : exc.end]!r} at position {exc.start} "
+            "(a lone surrogate); decode your input with errors='replace' or remove it"
+        ) from exc
     if IMAGE_TOKEN in prompt:
         raise InputError(
             f"the prompt contains the literal image placeholder {IMAGE_TOKEN!r}; MoAI inserts it itself "
@@ -62,6 +69,17 @@ def user_turn(prompt: str, template: str = DEFAULT_TEMPLATE) -> str:
         )
     # str.replace, not str.format: user text may contain braces.
     return TEMPLATES[template].replace("{prompt}", prompt)
+
+
+def prompt_parts(prompt: str, template: str = DEFAULT_TEMPLATE) -> list[tuple[str, bool]]:
+    """The full prompt as ``(text, trusted)`` parts: the system prompt and the template are trusted (their control
+    strings are control tokens), the user's ``prompt`` is not (see :meth:`MoAITokenizer.encode_parts`).
+
+    ``"".join(text for text, _ in prompt_parts(p, t)) == build_prompt(p, t)``.
+    """
+    user_turn(prompt, template)  # the checks
+    before, after = TEMPLATES[template].split("{prompt}")
+    return [(SYSTEM_PROMPT + before, True), (prompt, False), (after, True)]
 
 
 def build_prompt(prompt: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -84,4 +102,5 @@ __all__ = [
     "check_template",
     "user_turn",
     "build_prompt",
+    "prompt_parts",
 ]

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,20 @@ def _token_content(value: Any, default: str) -> str:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise ConfigError(f"cannot read special token {value!r} from {TOKENIZER_CONFIG_FILE}")
+
+
+def _check_text(text: Any) -> None:
+    """Refuse what is not a ``str`` of valid Unicode (lone surrogates cannot be encoded as UTF-8)."""
+    if not isinstance(text, str):
+        raise InputError(f"the tokenizer takes str; got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        raise InputError(
+            f"the text is not valid Unicode: {bad!r} at position {exc.start} (a lone surrogate); "
+            "decode your input with errors='replace' or remove it"
+        ) from exc
 
 
 class MoAITokenizer:
@@ -143,6 +158,19 @@ class MoAITokenizer:
         alternatives = sorted(self._split_tokens, key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
 
+        # Strings that would become control ids if written in text: our split tokens and the model's
+        # user-defined pieces (the chat markers). In untrusted text they stay plain (see encode_parts).
+        pieces = self._model_proto().pieces
+        self._user_defined = {pieces[i].piece: i for i in range(n) if pieces[i].type == pieces[i].USER_DEFINED}
+        self._control_strings = tuple(sorted(set(self._split_tokens) | set(self._user_defined), key=len, reverse=True))
+        self._marker_re = (
+            re.compile("(" + "|".join(re.escape(t) for t in sorted(self._user_defined, key=len, reverse=True)) + ")")
+            if self._user_defined
+            else None
+        )
+        self._plain: tuple[Any, Any] | None = None  # processors with the user-defined pieces unused (lazy)
+        self._plain_lock = threading.Lock()
+
         self._chat_marker_ids = frozenset(i for i in range(n) if _CHAT_MARKER.match(self._sp.id_to_piece(i)))
         self._skip_ids = (
             frozenset({self._bos_id, self._eos_id, self._pad_id, self._unk_id, self._image_id} - {-1})
@@ -216,6 +244,36 @@ class MoAITokenizer:
             raise ConfigError(f"{what} {piece!r} is not a piece of the sentencepiece model")
         return tid
 
+    def _model_proto(self) -> Any:
+        proto = getattr(self, "_proto", None)
+        if proto is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._sp.serialized_model_proto())
+            self._proto = proto
+        return proto
+
+    def _plain_processors(self) -> tuple[Any, Any]:
+        """Two copies of the sentencepiece model whose user-defined pieces are marked unused, so that text such as
+        ``[UNUSED_TOKEN_145]`` is segmented like any other text: one with the model's dummy-prefix setting (for
+        text that starts a sentencepiece call), one without (for text that follows a control piece)."""
+        with self._plain_lock:
+            if self._plain is None:
+                import sentencepiece as spm
+                from sentencepiece import sentencepiece_model_pb2
+
+                proto = sentencepiece_model_pb2.ModelProto()
+                proto.CopyFrom(self._model_proto())
+                for piece in proto.pieces:
+                    if piece.type == piece.USER_DEFINED:
+                        piece.type = piece.UNUSED
+                first = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+                proto.normalizer_spec.add_dummy_prefix = False
+                following = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+                self._plain = (first, following)
+            return self._plain
+
     # ------------------------------------------------------------------ ids and sizes
     @property
     def bos_token_id(self) -> int:
@@ -265,8 +323,7 @@ class MoAITokenizer:
     # ------------------------------------------------------------------ encoding
     def _segments(self, text: str) -> list[tuple[bool, str]]:
         """Split ``text`` into (is_special, chunk) parts; empty plain chunks are dropped."""
-        if not isinstance(text, str):
-            raise InputError(f"the tokenizer takes str; got {type(text).__name__}")
+        _check_text(text)
         out: list[tuple[bool, str]] = []
         for i, chunk in enumerate(self._split_re.split(text)):
             if i % 2:
@@ -299,6 +356,87 @@ class MoAITokenizer:
                 ids.extend(self._sp.encode(chunk))
         if self.add_eos_token:
             ids.append(self._eos_id)
+        return ids
+
+    def contains_control_strings(self, text: str) -> bool:
+        """Whether ``text`` holds a string that would become a control id (``<s>``, ``</s>``, ``<unk>``,
+        ``<image>``, ``[UNUSED_TOKEN_*]`` or any other user-defined piece)."""
+        return any(c in text for c in self._control_strings)
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]], *, add_bos: bool | None = None) -> list[int]:
+        """Ids of the concatenated ``(text, trusted)`` parts, where only trusted parts can produce control ids.
+
+        Control strings inside an untrusted part (a user's prompt) are tokenized as ordinary text, so a prompt
+        cannot close its turn and write the assistant's. When no untrusted part holds a control string -- every
+        ordinary prompt -- the ids are exactly :meth:`encode` of the joined text (the official ids).
+        """
+        for text, _trusted in parts:
+            _check_text(text)
+        if not any(not trusted and self.contains_control_strings(text) for text, trusted in parts):
+            return self.encode("".join(text for text, _ in parts), add_bos=add_bos)
+        ids: list[int] = []
+        if self.add_bos_token if add_bos is None else add_bos:
+            if self._bos_id < 0:
+                raise ConfigError("this sentencepiece model has no BOS piece; call with add_bos=False")
+            ids.append(self._bos_id)
+        for stretch in self._stretches(parts):
+            ids.extend(self._encode_stretch(stretch))
+        if self.add_eos_token:
+            ids.append(self._eos_id)
+        return ids
+
+    def _stretches(self, parts: Sequence[tuple[str, bool]]) -> list[int | list[tuple[str, bool]]]:
+        """Split at the split tokens of trusted parts: ids (split tokens) and stretches of (text, trusted) parts,
+        each stretch being what one sentencepiece call would see in :meth:`encode`."""
+        out: list[int | list[tuple[str, bool]]] = []
+        current: list[tuple[str, bool]] = []
+        for text, trusted in parts:
+            chunks = self._split_re.split(text) if trusted else [text]
+            for i, chunk in enumerate(chunks):
+                if i % 2:
+                    if current:
+                        out.append(current)
+                    out.append(self._split_tokens[chunk])
+                    current = []
+                elif chunk:
+                    current.append((chunk, trusted))
+        if current:
+            out.append(current)
+        return out
+
+    def _encode_stretch(self, stretch: int | list[tuple[str, bool]]) -> list[int]:
+        """One sentencepiece call of :meth:`encode`, with user-defined pieces matched only in trusted text.
+
+        sentencepiece treats a user-defined piece as an atom: text before it and after it is segmented on its own
+        and only the start of the call gets the dummy-prefix space. This is reproduced with the plain processors
+        (user-defined pieces unused), which is exact -- tested against :meth:`encode` on text without untrusted
+        control strings.
+        """
+        if isinstance(stretch, int):
+            return [stretch]
+        first, following = self._plain_processors()
+        atoms: list[int | str] = []  # marker ids and runs of plain text
+        run = ""
+        for text, trusted in stretch:
+            chunks = self._marker_re.split(text) if trusted and self._marker_re is not None else [text]
+            for i, chunk in enumerate(chunks):
+                if i % 2:
+                    atoms.extend([run, self._user_defined[chunk]])
+                    run = ""
+                else:
+                    run += chunk
+        atoms.append(run)
+        ids: list[int] = []
+        for index, atom in enumerate(atoms):
+            if isinstance(atom, int):
+                ids.append(atom)
+            elif index == 0:
+                if atom:
+                    ids.extend(first.encode(atom))
+                elif len(atoms) > 1 and self._model_proto().normalizer_spec.add_dummy_prefix:
+                    ids.append(self._sp.piece_to_id("\u2581"))  # the dummy prefix before a leading marker
+            elif atom:
+                ids.extend(following.encode(atom))
         return ids
 
     def pad(self, sequences: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
