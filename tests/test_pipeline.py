@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,10 +175,64 @@ def test_streaming_pieces_add_up_to_the_answer(pipe, first, image):
     assert final.new_token_ids == first.new_token_ids
 
 
+@contextlib.contextmanager
+def counting_forwards(model, on_call=None):
+    """Counts the language model's forward calls (the prefill, then one per decoding step)."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(threading.current_thread().name)
+        if on_call is not None:
+            on_call(len(calls))
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_on_token_sees_every_step_and_raising_stops_generation(pipe, image):
+    opts = dict(experts=[])
+    seen = []
+    full = pipe(image, "Tell me more.", max_new_tokens=6, on_token=lambda ids: seen.append(ids.tolist()), **opts)
+    assert seen == [[t] for t in full.new_token_ids] and len(seen) == 6  # one [B] tensor per step
+
+    class Enough(Exception):
+        pass
+
+    def stop_at_third(ids):
+        seen.append(int(ids[0]))
+        if len(seen) == 3:
+            raise Enough
+
+    seen = []
+    with counting_forwards(pipe.model) as calls, pytest.raises(Enough):
+        pipe(image, "Tell me more.", max_new_tokens=64, on_token=stop_at_third, **opts)
+    assert seen == full.new_token_ids[:3] and len(calls) == 3  # the prefill and two decoding steps, not 64
+    with pytest.raises(GenerationError, match="beam search"):
+        pipe(image, "Hi", num_beams=2, on_token=print, experts=[])
+
+
 def test_stream_can_stop_early(pipe, image):
-    gen = pipe.stream(image, "Tell me more.", experts=[], max_new_tokens=64)
-    next(gen)
-    gen.close()  # ends the generation thread without error
+    opts = dict(experts=[], max_new_tokens=32)
+    reference = pipe(image, "Tell me more.", **opts)
+    assert len(reference.new_token_ids) == 32  # no EOS: left alone, the generation runs all 32 steps
+    gen = pipe.stream(image, "Tell me more.", **opts)
+
+    def hold_until_closing(n):
+        # From the third forward on, the generation waits until the consumer starts closing the stream.
+        while n >= 3 and inspect.getgeneratorstate(gen) == inspect.GEN_SUSPENDED:
+            time.sleep(0.001)
+
+    with counting_forwards(pipe.model, hold_until_closing) as calls:
+        piece = next(gen)
+        gen.close()
+    assert isinstance(piece, str) and piece and reference.text.startswith(piece)
+    assert 1 <= len(calls) < 32 and set(calls) == {"moai-stream"}  # generation stopped well before 32 tokens
+    assert not any(t.name == "moai-stream" for t in threading.enumerate())  # and its thread has ended
+    again = pipe(image, "Tell me more.", **opts)  # the pipeline still answers, unchanged
+    assert again.new_token_ids == reference.new_token_ids and again.text == reference.text
 
 
 def test_seed_makes_sampling_reproducible(pipe, image):

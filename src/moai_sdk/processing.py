@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
+from .hub import HubOptions
 from .imageops import load_image_chw, prepare_image, split_images
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template, prompt_parts
 from .tokenization import MoAITokenizer, resolve_model_file
@@ -278,20 +279,24 @@ class MoAIProcessor:
         cls,
         path_or_repo_id: str | os.PathLike,
         *,
+        hub: HubOptions | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
         normalize_dtype: torch.dtype | str = torch.float32,
     ) -> MoAIProcessor:
-        """Tokenizer + image settings of a model folder or Hub repo.
+        """Tokenizer + image settings of a model folder or Hub repo (``hub`` and the legacy Hub keywords as in
+        :meth:`MoAITokenizer.from_pretrained <moai_sdk.tokenization.MoAITokenizer.from_pretrained>`).
 
         Image settings come from ``config.json``'s ``moai_structure`` block (``image_size``, ``patch_size``,
         ``image_mean_0_1``, ``image_std_0_1``, ``img_length``); absent values fall back to MoAI-7B's.
         """
-        hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        tokenizer = MoAITokenizer.from_pretrained(path_or_repo_id, **hub)
-        config_path = resolve_model_file(path_or_repo_id, "config.json", required=False, **hub)
+        hub = HubOptions.from_any(
+            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+        )
+        tokenizer = MoAITokenizer.from_pretrained(path_or_repo_id, hub=hub)
+        config_path = resolve_model_file(path_or_repo_id, "config.json", required=False, hub=hub)
         settings: dict[str, Any] = {}
         if config_path is None:
             logger.info("no config.json next to the tokenizer; using the MoAI-7B image settings")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError, DependencyError, InputError
-from .hub import resolve_file
+from .hub import HubOptions, resolve_file
 from .prompts import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class MoAITokenizer:
         cls,
         path_or_repo_id: str | os.PathLike,
         *,
+        hub: HubOptions | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
@@ -191,11 +192,15 @@ class MoAITokenizer:
     ) -> MoAITokenizer:
         """Load ``tokenizer.model`` (and ``tokenizer_config.json`` if present) from a folder or a Hub repo.
 
-        ``image_token_id`` pins the id of ``<image>`` (it must still be the one the official code would give).
+        ``hub`` (:class:`~moai_sdk.hub.HubOptions`) says where the files come from; ``revision``, ``cache_dir``,
+        ``token`` and ``local_files_only`` still work and win over it. ``image_token_id`` pins the id of
+        ``<image>`` (it must still be the one the official code would give).
         """
-        hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        model_file = resolve_model_file(path_or_repo_id, TOKENIZER_FILE, required=True, **hub)
-        config_file = resolve_model_file(path_or_repo_id, TOKENIZER_CONFIG_FILE, required=False, **hub)
+        hub = HubOptions.from_any(
+            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
+        )
+        model_file = resolve_model_file(path_or_repo_id, TOKENIZER_FILE, required=True, hub=hub)
+        config_file = resolve_model_file(path_or_repo_id, TOKENIZER_CONFIG_FILE, required=False, hub=hub)
         kwargs = cls._read_config(config_file) if config_file is not None else {}
         if image_token_id is not None:
             kwargs["image_token_id"] = image_token_id
