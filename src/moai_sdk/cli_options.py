@@ -122,27 +122,25 @@ def parse_experts(text: Optional[str]) -> Any:
     return items or None
 
 
-def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
-    """Build the :class:`~moai_sdk.pipeline.MoAIPipeline` the parsed options describe.
+def pipeline_kwargs(args: argparse.Namespace, *, with_model: bool = True) -> dict[str, Any]:
+    """The :meth:`MoAIPipeline.from_pretrained` keywords the parsed options describe.
 
-    With ``--tiny DIR`` (when the command has it) the pipeline is :func:`moai_sdk.testing.tiny_pipeline`; its
-    ``--experts default`` means the tiny random experts. ``with_model=False`` builds an experts-only pipeline
-    (``moai perceive``).
+    With ``--tiny DIR`` (when the command has it) only ``experts`` (``default`` meaning the tiny random experts)
+    and ``template``: the rest is fixed by :func:`moai_sdk.testing.tiny_pipeline`. ``with_model=False``: the
+    options of an experts-only pipeline (``moai perceive``).
     """
-    from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
-
-    tiny = getattr(args, "tiny", None)
-    if tiny:
-        from .testing import tiny_pipeline
-
-        experts = parse_experts(args.experts)
-        return tiny_pipeline(tiny, experts="tiny" if experts == "default" else experts)
-    kwargs: dict[str, Any] = dict(
+    experts = parse_experts(args.experts)
+    if getattr(args, "tiny", None):
+        kwargs: dict[str, Any] = {"experts": "tiny" if experts == "default" else experts}
+        if with_model and getattr(args, "template", None):
+            kwargs["template"] = args.template
+        return kwargs
+    kwargs = dict(
         device=args.device,
         cache_dir=args.cache_dir,
         local_files_only=args.local_files_only,
         token=args.token,
-        experts=parse_experts(args.experts),
+        experts=experts,
     )
     if with_model:
         kwargs.update(
@@ -151,10 +149,23 @@ def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
             quantization=None if args.quantization == "none" else args.quantization,
             template=args.template,
         )
-        model = args.model or DEFAULT_MODEL_ID
     else:
         kwargs["quantization"] = None
-        model = DEFAULT_MODEL_ID
+    return kwargs
+
+
+def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
+    """Build the :class:`~moai_sdk.pipeline.MoAIPipeline` the parsed options describe (see :func:`pipeline_kwargs`;
+    ``--tiny DIR`` gives :func:`moai_sdk.testing.tiny_pipeline`)."""
+    from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
+
+    kwargs = pipeline_kwargs(args, with_model=with_model)
+    tiny = getattr(args, "tiny", None)
+    if tiny:
+        from .testing import tiny_pipeline
+
+        return tiny_pipeline(tiny, **kwargs)
+    model = (args.model or DEFAULT_MODEL_ID) if with_model else DEFAULT_MODEL_ID
     return MoAIPipeline.from_pretrained(model, **kwargs)
 
 
@@ -166,5 +177,6 @@ __all__ = [
     "add_tiny_option",
     "generation_kwargs",
     "parse_experts",
+    "pipeline_kwargs",
     "pipeline_from_args",
 ]

@@ -1,0 +1,180 @@
+"""``moai batch --ray``: a local Ray (2 CPUs, started once for this module) against the local runner.
+
+The Ray runner must write the local runner's rows (greedy answers, verbalizations, token counts, perception),
+and a model actor killed mid-run must neither lose nor duplicate rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from moai_sdk.batch import read_rows, run
+from moai_sdk.batch.output import journal_path, read_journal
+from moai_sdk.testing import build_tiny_experts, demo_image, tiny_pipeline
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+GEN = {"max_new_tokens": 4}
+PROMPT = "What is written in the image?"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A dozen images, the tiny pipeline's settings, and the local runner's rows for them."""
+    root = tmp_path_factory.mktemp("ray-batch")
+    spec = build_tiny_experts(root / "tiny" / "experts")
+    options = {"experts": {"segmentation": spec["segmentation"], "ocr": spec["ocr"]}}
+    images = root / "images"
+    images.mkdir()
+    for i in range(12):
+        demo_image(f"R{i}", size=(64 + 6 * i, 64)).save(images / f"{i:02d}.png")
+    (images / "zz-broken.png").write_bytes(b"GIF89a and no image after it")
+    pipe = tiny_pipeline(root / "tiny", **options)
+    local = root / "local.jsonl"
+    run(images, local, prompt=PROMPT, pipeline=pipe, generation=GEN, batch_size=4, save_perception=True, progress=False)
+    return {"root": root, "images": images, "options": options, "local": read_rows(local)}
+
+
+def comparable(rows):
+    """Rows without wall-clock timings (the perception JSON without its per-expert seconds)."""
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k != "timings"}
+        if r.get("perception"):
+            p = json.loads(r["perception"])
+            p.pop("timings")
+            r["perception"] = p
+        out.append(r)
+    return out
+
+
+def ray_run(setup, images, output, **kwargs):
+    return run(
+        images,
+        output,
+        prompt=PROMPT,
+        tiny=setup["root"] / "tiny",
+        pipeline_options=setup["options"],
+        generation=GEN,
+        ray=True,
+        num_gpus_per_actor=0,
+        num_cpus_per_actor=0.5,
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_ray_rows_equal_the_local_runner_rows(ray_cluster, setup, tmp_path):
+    out = tmp_path / "ray.jsonl"
+    # OCR in its own CPU stage, as on a GPU cluster: perception -> OCR -> LLM, three actor pools
+    stats = ray_run(setup, setup["images"], out, batch_size=4, cpu_experts=["ocr"], save_perception=True)
+    rows = read_rows(out)
+    assert stats["rows"] == 13 and stats["errors"] == 1
+    assert [r["id"] for r in rows] == [r["id"] for r in setup["local"]]
+    assert comparable(rows) == comparable(setup["local"])
+    assert all(r["error"] is None for r in rows if r["id"] != "zz-broken.png")
+    assert {"expert.mask2former", "expert.rapidocr", "prefill", "decode"} <= set(rows[0]["timings"])
+
+
+def _model_actor_pids() -> list[int]:
+    """Processes of this session's Ray workers that run the LLM stage."""
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "MoAIPredictor" in title:
+            pids.append(proc.pid)
+    return pids
+
+
+def test_an_actor_killed_mid_run_loses_and_duplicates_no_row(ray_cluster, setup, tmp_path):
+    images = tmp_path / "six"
+    images.mkdir()
+    for name in sorted(os.listdir(setup["images"]))[:6]:
+        shutil.copy(setup["images"] / name, images / name)
+    out = tmp_path / "killed.jsonl"
+    journal = journal_path(out)
+    killed: dict = {}
+
+    def killer():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            written = len(read_journal(journal)[0]) if journal.exists() else 0
+            pids = _model_actor_pids()
+            if written >= 1 and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.update(pid=pids[0], written=written)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    stats = ray_run(setup, images, out, batch_size=1)
+    thread.join(timeout=5)
+    assert killed, "the LLM actor was never seen running"
+    assert killed["written"] < 6  # killed while rows were still to come
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == sorted(os.listdir(images))  # each id exactly once
+    assert stats["rows"] == 6
+    local = {r["id"]: r for r in comparable(setup["local"])}
+    assert [{k: v for k, v in r.items() if k != "perception"} for r in comparable(rows)] == [
+        {k: v for k, v in local[r["id"]].items() if k != "perception"} for r in rows
+    ]
+
+
+def test_ray_resume_skips_rows_already_written(ray_cluster, setup, tmp_path):
+    out = tmp_path / "resume.jsonl"
+    first = setup["local"][:5]
+    from moai_sdk.batch import OutputWriter
+
+    w = OutputWriter(out)
+    w.append(first)  # as if an earlier run had written these before it was killed
+    stats = ray_run(setup, setup["images"], out, batch_size=4, resume=True)
+    assert stats["skipped"] == 5 and stats["rows"] == 8
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == [r["id"] for r in setup["local"]]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in setup["local"]]
+
+
+def test_the_predictors_work_in_a_users_own_map_batches(ray_cluster, setup):
+    from moai_sdk.batch import MoAIPredictor, PipelineSpec
+
+    spec = PipelineSpec(tiny=str(Path(setup["root"]) / "tiny"), options=setup["options"])
+    items = [
+        {"image": str(setup["images"] / r["id"]), "prompt": PROMPT, "label": i}
+        for i, r in enumerate(setup["local"][:2])
+    ]
+    ds = ray.data.from_items(items).map_batches(
+        MoAIPredictor,
+        fn_constructor_kwargs={"pipeline": spec, "generation": GEN},
+        batch_size=2,
+        concurrency=1,
+        num_cpus=0.5,
+        batch_format="numpy",
+    )
+    out = ds.take_all()
+    assert [o["label"] for o in out] == [0, 1]
+    assert [o["answer"] for o in out] == [r["answer"] for r in setup["local"][:2]]
+    assert json.loads(out[0]["token_counts"]) == setup["local"][0]["token_counts"]
