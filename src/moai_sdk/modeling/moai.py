@@ -27,6 +27,7 @@ from ..hub import HubOptions
 from .compressor import MoAICompressor
 from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig, check_attn_implementation
 from .generation import GenerateOutput, generate
+from .int4 import stored_bytes
 from .internlm2 import InternLM2Model, KVCache
 from .loading import WeightReader, load_weights_into, resolve_checkpoint, save_moai
 from .mixer import GateRecorder, GateWeights, MoAIMixer
@@ -128,7 +129,7 @@ class MoAIForCausalLM(nn.Module):
         """Bytes held by parameters and buffers (quantized weights count their packed size and statistics)."""
         total = 0
         for t in list(self.parameters()) + list(self.buffers()):
-            total += t.numel() * t.element_size()
+            total += stored_bytes(t)  # torchao's int4 weights: their packed codes and scales
             state = getattr(t, "quant_state", None)
             if state is not None:
                 total += _quant_state_bytes(state)
@@ -348,6 +349,7 @@ class MoAIForCausalLM(nn.Module):
         vision_tower: str = DEFAULT_VISION_TOWER_ID,
         attn_implementation: str = "sdpa",
         progress: bool | None = None,
+        check_weights: bool = True,
     ) -> MoAIForCausalLM:
         """Load a MoAI checkpoint (local directory or Hub repo) with the official key names.
 
@@ -356,10 +358,12 @@ class MoAIForCausalLM(nn.Module):
         float32 elsewhere. ``quantization``: ``None`` (all weights in ``dtype``), ``"nf4"`` (the LLM's main
         weights ``Plora_main`` in 4-bit NF4 with double quantization; vision, projector, LoRA branches, mixer,
         compressor, embeddings and LM head stay in ``dtype``), ``"nf4-lora"`` (``"nf4"`` plus the PLoRA
-        adapters), ``"int8"`` (the ``"nf4"`` weights in LLM.int8), or ``"official"`` (what the official loader's
-        skip list quantizes -- in effect only the PLoRA adapters -- in NF4); see
+        adapters), ``"int8"`` (the ``"nf4"`` weights in LLM.int8), ``"int4"`` (the ``"nf4"`` weights in torchao's
+        int4 with the tinygemm kernel; CUDA, compute capability >= 8.0), or ``"official"`` (what the official
+        loader's skip list quantizes -- in effect only the PLoRA adapters -- in NF4); see
         :mod:`~moai_sdk.modeling.quantization`. ``vision_tower`` is the Hub repo of the CLIP tower used when the
-        checkpoint has no vision weights.
+        checkpoint has no vision weights. ``check_weights`` (default) scans every weight for NaN and infinite
+        values (about 0.6 s per GB on two CPU cores; ``False`` skips it); integer-typed weights are always refused.
         """
         check_quantization(quantization)
         check_attn_implementation(attn_implementation)
@@ -368,6 +372,7 @@ class MoAIForCausalLM(nn.Module):
         )
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        check_quantization(quantization, dev)  # before any download: "int4" needs a CUDA GPU
         if quantization is not None and dt == torch.float32 and dev.type == "cuda":
             logger.info("quantized weights compute in float32 on CUDA; dtype='float16' is faster")
         files = resolve_checkpoint(path_or_repo_id, hub=hub)
@@ -382,6 +387,7 @@ class MoAIForCausalLM(nn.Module):
             vision_tower=vision_tower,
             hub=hub,
             progress=progress,
+            check_weights=check_weights,
         )
         model.set_attn_implementation(attn_implementation)
         model.load_info = {

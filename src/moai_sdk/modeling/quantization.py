@@ -10,6 +10,8 @@ Modes (``quantization=``):
   and what the official loader quantizes. The adapters only act on image positions during the prompt, so decode
   speed is unchanged; it saves another ~0.85 GB at the MoAI-7B shapes for a GPU that cannot spare it.
 * ``"int8"`` -- the same weights as ``"nf4"`` in LLM.int8 (threshold 6.0).
+* ``"int4"`` -- the same weights as ``"nf4"`` in torchao's int4 weight-only format (groups of 128, tinygemm
+  kernel; CUDA with compute capability >= 8.0 only, needs ``torchao``); see :mod:`~moai_sdk.modeling.int4`.
 * ``"official"`` -- exactly the official loader's choice: NF4 for every linear whose dotted name contains none
   of ``vision_tower``, ``vision_proj``, ``Plora_main``, ``moai``, ``output``. Because ``Plora_main`` is on that
   skip list, only the PLoRA adapters end up quantized and the official "4-bit" model is in fact ~16-bit.
@@ -21,18 +23,22 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DependencyError
+from .int4 import check_int4_device, mark_int4_linears, quantize_int4_linear
 
-QUANTIZATION_MODES = (None, "nf4", "nf4-lora", "int8", "official")
+QUANTIZATION_MODES = (None, "nf4", "nf4-lora", "int8", "official", "int4")
 OFFICIAL_SKIP_SUBSTRINGS = ("vision_tower", "vision_proj", "Plora_main", "moai", "output")
 
 
-def check_quantization(mode: str | None) -> str | None:
+def check_quantization(mode: str | None, device: torch.device | str | None = None) -> str | None:
     """``mode`` if it is one of :data:`QUANTIZATION_MODES`, else a :class:`~moai_sdk.ConfigError`.
 
-    The one check of the ``quantization=`` setting, used by the loader and the pipeline alike.
+    The one check of the ``quantization=`` setting, used by the loader and the pipeline alike. With ``device``
+    it also checks that the mode can run there (``"int4"`` needs a CUDA GPU of compute capability >= 8.0).
     """
     if mode not in QUANTIZATION_MODES:
         raise ConfigError(f"quantization must be one of {list(QUANTIZATION_MODES)}; got {mode!r}")
+    if mode == "int4" and device is not None:
+        check_int4_device(device)
     return mode
 
 
@@ -47,7 +53,7 @@ def _bnb():
 def select_linears(model: nn.Module, mode: str) -> list[str]:
     """Dotted names of the ``nn.Linear`` modules that ``mode`` quantizes."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if mode in ("nf4", "int8"):
+    if mode in ("nf4", "int8", "int4"):
         return [n for n in names if n.endswith("Plora_main")]
     if mode == "nf4-lora":
         return [n for n in names if n.endswith(("Plora_main", "Plora_A", "Plora_B"))]
@@ -57,7 +63,10 @@ def select_linears(model: nn.Module, mode: str) -> list[str]:
 
 
 def replace_linears_for_quantization(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> set[str]:
-    """Swap the selected linears for bitsandbytes modules (on the meta device, before loading)."""
+    """Swap the selected linears for bitsandbytes modules (on the meta device, before loading); ``"int4"`` keeps
+    them ``nn.Linear`` and only tags them (their weights are packed by :func:`quantize_linear_weight`)."""
+    if mode == "int4":
+        return mark_int4_linears(model, select_linears(model, mode))
     bnb = _bnb()
     chosen = select_linears(model, mode)
     for name in chosen:
@@ -92,7 +101,11 @@ def replace_linears_for_quantization(model: nn.Module, mode: str, compute_dtype:
 
 
 def quantize_linear_weight(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
-    """Quantize ``weight`` into the bitsandbytes ``module`` on ``device`` (one tensor at a time)."""
+    """Quantize ``weight`` into the bitsandbytes ``module`` on ``device`` (one tensor at a time); for ``"int4"``
+    into torchao's packed int4 format on the GPU (``dtype`` does not matter there: tinygemm takes bfloat16)."""
+    if getattr(module, "moai_quant_mode", None) == "int4":
+        quantize_int4_linear(module, weight, device)
+        return
     bnb = _bnb()
     w = weight.to(dtype if dtype != torch.float32 else torch.float16).contiguous()
     if getattr(module, "moai_quant_mode", "nf4") == "int8":
@@ -103,7 +116,7 @@ def quantize_linear_weight(module: nn.Module, weight: torch.Tensor, dtype: torch
 
 
 def quantized_module_names(model: nn.Module) -> dict[str, str]:
-    """``{dotted name: "nf4" | "int8"}`` for every bitsandbytes linear in ``model``."""
+    """``{dotted name: "nf4" | "int8" | "int4"}`` for every quantized linear in ``model``."""
     return {n: m.moai_quant_mode for n, m in model.named_modules() if hasattr(m, "moai_quant_mode")}
 
 
