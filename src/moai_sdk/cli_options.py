@@ -22,8 +22,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default="nf4",
-        choices=["nf4", "nf4-lora", "int8", "official", "none"],
-        help="weight quantization (needs CUDA; ignored on CPU). Default: nf4",
+        choices=["nf4", "nf4-lora", "int8", "int4", "official", "none"],
+        help="weight quantization (needs CUDA; ignored on CPU; int4 needs torchao). Default: nf4",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
 
