@@ -63,6 +63,7 @@ def test_perceive_json_reads_rendered_text(text_image):
     assert [line.text for line in result.text_lines] == ["MOAI"]
     assert result.text_lines[0].confidence > 0.85
     assert (result.image_width, result.image_height) == (640, 480)
+    assert proc.stderr.count("scene graph expert not configured") == 1  # warned once, not by every layer
 
 
 def test_run_on_the_tiny_model_streams_and_prints_json(tiny_root, text_image, tmp_path):
@@ -131,6 +132,31 @@ def test_info_json():
     assert isinstance(data["cuda"]["available"], bool)
     assert "rapidocr" in data["experts"]["ocr"]
     assert data["cache"]["moai"].keys() >= {"BK-Lee/MoAI-7B", "openai/clip-vit-large-patch14-336"}
+
+
+@pytest.mark.parametrize(
+    ("value", "offline"), [("false", False), ("0", False), ("", False), ("1", True), ("TRUE", True)]
+)
+def test_info_reads_hf_hub_offline_and_the_given_cache(value, offline, tmp_path, monkeypatch, capsys):
+    from moai_sdk import cli
+
+    snapshot = tmp_path / "models--BK-Lee--MoAI-7B" / "snapshots" / ("a" * 40)  # the Hub cache layout
+    blob = tmp_path / "models--BK-Lee--MoAI-7B" / "blobs" / "c0ffee"
+    blob.parent.mkdir(parents=True)
+    blob.write_text("{}")
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(blob)
+    (tmp_path / "models--BK-Lee--MoAI-7B" / "refs").mkdir()
+    (tmp_path / "models--BK-Lee--MoAI-7B" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert cli.main(["info", "--json", "--cache-dir", str(tmp_path)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hub_offline"] is offline
+    assert data["cache"]["path"] == str(tmp_path)
+    assert data["cache"]["moai"]["BK-Lee/MoAI-7B"] is True
+    assert data["cache"]["moai"]["openai/clip-vit-large-patch14-336"] is False
+    [repo] = data["cache"]["repos"]
+    assert repo["repo_id"] == "BK-Lee/MoAI-7B" and repo["used_by"] == "model" and repo["refs"] == ["main"]
 
 
 # --- download: in-process with the Hub functions replaced by fakes -----------------------------------------
@@ -213,6 +239,10 @@ def test_download_dry_run_lists_the_plan(capsys):
     assert [p["component"] for p in plan] == ["model", "vision_tower", "expert.owlv2"]
     assert plan[0]["repo_id"] == "my/moai" and plan[0]["revision"] == "v1"
     assert plan[2]["repo_id"] == "google/owlv2-base-patch16-ensemble"
+    # a task name means that task's default expert
+    assert cli.main(["download", "--dry-run", "--json", "--experts", "ocr,detection"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert [p["component"] for p in plan] == ["model", "vision_tower", "expert.owlv2", "expert.rapidocr"]
 
 
 def test_parse_experts():

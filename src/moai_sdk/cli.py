@@ -13,14 +13,19 @@ Errors print one line (``moai: error: ...``) on stderr and exit with status 1 (2
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
+import importlib.util
 import json
 import logging
-import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+import torch
+
+from . import __version__
 from .batch import cli as batch_cli
 from .cli_options import add_experts_option as _add_experts_option
 from .cli_options import add_generation_options as _add_generation_options
@@ -30,9 +35,14 @@ from .cli_options import generation_kwargs
 from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
 from .errors import ConfigError, InputError, MoAIError
+from .experts.base import available_experts, get_expert_class
+from .experts.selection import DEFAULT_EXPERTS
 from .experts.weights import TRANSFORMERS_BIN_PATTERNS, TRANSFORMERS_FILE_PATTERNS
-from .hub import HubOptions, download_first, snapshot
+from .hub import HubOptions, cache_path, download_first, env_offline, scan_cache, snapshot
+from .modeling.config import DEFAULT_VISION_TOWER_ID
+from .pipeline import DEFAULT_MODEL_ID
 from .serve import cli as serve_cli
+from .testing import demo_image, tiny_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +108,6 @@ def _one_line(text: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``moai`` argument parser."""
-    from . import __version__
-
     parser = _Parser(prog=PROG, description="MoAI (Mixture of All Intelligence) from the command line.")
     parser.add_argument("--version", action="version", version=f"moai-sdk {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -366,12 +374,6 @@ def _fetch(entry: dict[str, Any], action: Callable[[], dict[str, Any]], *, repor
 
 def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
     """What ``moai info`` reports, as a dict."""
-    import importlib.metadata as md
-    import importlib.util
-    import platform
-
-    import torch
-
     versions: dict[str, Optional[str]] = {"python": platform.python_version()}
     for dist in _PACKAGES:
         try:
@@ -393,27 +395,18 @@ def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
             else "nf4/int8 quantization needs bitsandbytes: pip install 'moai-sdk[quant]'; the model loads unquantized"
         ),
     }
-    from .experts.base import available_experts
-
     return {
         "versions": versions,
         "cuda": cuda,
         "quantization": quant,
         "experts": available_experts(),
-        "hub_offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
+        "hub_offline": env_offline(),
         "cache": _cache_report(cache_dir),
     }
 
 
 def _cache_report(cache_dir: Optional[str]) -> dict[str, Any]:
     """Repositories in the Hugging Face cache, with the ones MoAI uses marked."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    from .experts.base import get_expert_class
-    from .modeling.config import DEFAULT_VISION_TOWER_ID
-    from .pipeline import DEFAULT_EXPERTS, DEFAULT_MODEL_ID
-
     wanted = {DEFAULT_MODEL_ID: "model", DEFAULT_VISION_TOWER_ID: "vision_tower"}
     for name in DEFAULT_EXPERTS.values():
         try:
@@ -422,22 +415,9 @@ def _cache_report(cache_dir: Optional[str]) -> dict[str, Any]:
             continue
         if isinstance(mid, str) and mid.count("/") == 1:
             wanted[mid] = f"expert.{name}"
-    from huggingface_hub import constants
-
-    path = str(cache_dir or constants.HF_HUB_CACHE)
-    try:
-        info = scan_cache_dir(path)
-    except CacheNotFound:
-        return {"path": path, "repos": [], "moai": {repo: False for repo in wanted}}
-    repos = sorted(
-        (
-            {"repo_id": r.repo_id, "type": r.repo_type, "size_bytes": r.size_on_disk, "used_by": wanted.get(r.repo_id)}
-            for r in info.repos
-        ),
-        key=lambda r: r["repo_id"],
-    )
+    repos = [{**r, "used_by": wanted.get(r["repo_id"])} for r in scan_cache(cache_dir)]
     present = {r["repo_id"] for r in repos}
-    return {"path": path, "repos": repos, "moai": {repo: repo in present for repo in wanted}}
+    return {"path": str(cache_path(cache_dir)), "repos": repos, "moai": {repo: repo in present for repo in wanted}}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -469,8 +449,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .testing import demo_image, tiny_pipeline
-
     if args.image is not None:
         _check_image(args.image)
     if args.max_new_tokens < 1:
