@@ -14,7 +14,9 @@ in-memory model and this port the mmdet-3 names (``self_attn`` / ``cross_attn`` 
 
 from __future__ import annotations
 
+import _codecs
 import _compat_pickle
+import collections
 import functools
 import hashlib
 import logging
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from ...errors import CheckpointError, MissingKeysError, UnsafeCheckpointError
 from ...hub import HubOptions, download
@@ -130,9 +134,6 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
 # --------------------------------------------------------------------------------------------------------------
 def _safe_globals() -> dict[tuple[str, str], Any]:
     """Globals a torch checkpoint of tensors and plain containers needs (module, name) -> object."""
-    import _codecs
-    import collections
-
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set,
@@ -332,9 +333,6 @@ class LoadedWeights:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -343,8 +341,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _write_safetensors(state_dict: Mapping[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> bool:
     """Atomically write ``state_dict`` to ``target``; returns False (with a warning) if the folder is not writable."""
-    from safetensors.torch import save_file
-
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
@@ -373,8 +369,6 @@ def _check_sha256(source: Path, actual: str | None, expected: str) -> None:
 
 def _converted_source_sha256(path: Path) -> str | None:
     """The SHA-256 of the pickle a converted file was made from (recorded in its metadata)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as fh:
         return (fh.metadata() or {}).get("source_sha256")
 
