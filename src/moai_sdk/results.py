@@ -15,17 +15,15 @@ asked (``include_masks=True`` / ``include_image=True``). Masks are written as CO
 zlib-compressed base64 of the raw little-endian array with its shape and dtype. Floats are written in their
 shortest round-trip form, so ``from_json(to_json(r)) == r`` holds exactly.
 
-This module does not import torch.
+Vocabularies, colour tables and label cleaning live in :mod:`moai_sdk.labels` (re-exported here); pictures in
+:mod:`moai_sdk.viz`, which takes a result without importing this module back.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import zlib
-from functools import cache, lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Iterable, Optional, Sequence
 
@@ -45,6 +43,9 @@ from pydantic import (
 
 from .errors import InputError
 from .gates import MixerGates
+from .imageops import MOAI_IMAGE_SIZE
+from .labels import clean_coco_name, load_vocab, pascal_colormap
+from .viz import plot_perception
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -55,35 +56,7 @@ logger = logging.getLogger(__name__)
 TASKS: tuple[str, ...] = ("segmentation", "detection", "scene_graph", "ocr")
 
 #: Side of the frame the official demo runs the experts on.
-DEFAULT_FRAME_SIZE = 490
-
-
-# ----------------------------------------------------------------------------------------------------------
-# vocabularies (package data)
-# ----------------------------------------------------------------------------------------------------------
-
-
-@cache
-def load_vocab(name: str) -> tuple:
-    """Return a packaged label list (``COCO_PANOPTIC_CLASSES``, ``ADE20K_847``, ``IMAGENET_CLASSES``,
-    ``PREDICATES`` or ``PASCAL_LABEL_COLORMAP_134``) as a tuple, read once from ``moai_sdk/data``."""
-    try:
-        text = resources.files("moai_sdk").joinpath("data", f"{name}.json").read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError(
-            f"unknown vocabulary {name!r}; known: COCO_PANOPTIC_CLASSES, ADE20K_847, IMAGENET_CLASSES, "
-            "PREDICATES, PASCAL_LABEL_COLORMAP_134"
-        ) from exc
-    data = json.loads(text)
-    return tuple(tuple(x) if isinstance(x, list) else x for x in data)
-
-
-@lru_cache(maxsize=1)
-def pascal_colormap() -> np.ndarray:
-    """The official panoptic colour table: 134 Pascal-VOC colours as float64 in [0, 1] (read-only)."""
-    table = np.asarray(load_vocab("PASCAL_LABEL_COLORMAP_134"), dtype=np.int64) / 255
-    table.setflags(write=False)
-    return table
+DEFAULT_FRAME_SIZE = MOAI_IMAGE_SIZE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -499,11 +472,6 @@ class Segment(_Model):
         return clean_coco_name(self.label)
 
 
-def clean_coco_name(name: str) -> str:
-    """Official COCO-panoptic name cleanup: remove '-merged', then '-other', then '-stuff'."""
-    return name.replace("-merged", "").replace("-other", "").replace("-stuff", "")
-
-
 class Detection(_Model):
     """One open-vocabulary detection: ``label`` is the query text, ``label_index`` its index in the query
     list (``ADE20K_847 + IMAGENET_CLASSES`` for the official OWLv2 setup)."""
@@ -736,8 +704,6 @@ class PerceptionResult(_Document):
 
     def plot(self, image: Any = None, **kwargs: Any) -> PILImage.Image:
         """Draw the result (see :func:`moai_sdk.viz.plot_perception`) and return a PIL image."""
-        from .viz import plot_perception
-
         return plot_perception(self, image, **kwargs)
 
     def save(self, path: str | Path, image: Any = None, **kwargs: Any) -> Path:

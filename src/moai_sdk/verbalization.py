@@ -42,7 +42,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .errors import InputError
-from .results import PerceptionResult, clean_coco_name
+from .labels import clean_coco_name, number_duplicates
+from .results import PerceptionResult
 
 logger = logging.getLogger(__name__)
 
@@ -321,20 +322,6 @@ def argpartition_numpy126(values: Sequence[float], kth: int) -> np.ndarray:
     t = list(range(n))
     _introselect(v, t, 0, n, k)
     return np.asarray(t, dtype=np.int64)
-
-
-def number_duplicates(names: Sequence[str]) -> list[str]:
-    """Official duplicate numbering: a name occurring more than once becomes ``name (#i)``, i counting its
-    occurrences from 1 in list order; unique names stay as they are."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        if names.count(name) > 1:
-            seen[name] = seen.get(name, 0) + 1
-            out.append(f"{name} (#{seen[name]})")
-        else:
-            out.append(name)
-    return out
 
 
 def select_relations(scores: Sequence[float], num_objects: int, *, corrected: bool = False) -> list[int]:

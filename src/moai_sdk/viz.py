@@ -17,17 +17,18 @@ The blend is exact and documented so that it can be tested: for a labelled pixel
 from __future__ import annotations
 
 import logging
-import zlib
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
-from .results import PerceptionResult, clean_coco_name, pascal_colormap
+from .imageops import load_image_chw, official_resize
+from .labels import clean_coco_name, label_colour, number_duplicates, pascal_colormap
 
 if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image as PILImage
+    from .results import PerceptionResult
 
 logger = logging.getLogger(__name__)
 
@@ -36,43 +37,14 @@ LAYERS: tuple[str, ...] = ("segments", "detections", "relations", "text")
 #: Canvas colour when no image is given or kept.
 BACKGROUND_GREY = (128, 128, 128)
 
-# Twenty well-separated colours for boxes (RGB).
-_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (255, 56, 56),
-    (255, 157, 151),
-    (255, 112, 31),
-    (255, 178, 29),
-    (207, 210, 49),
-    (72, 249, 10),
-    (146, 204, 23),
-    (61, 219, 134),
-    (26, 147, 52),
-    (0, 212, 187),
-    (44, 153, 168),
-    (0, 194, 255),
-    (52, 69, 147),
-    (100, 115, 255),
-    (0, 24, 236),
-    (132, 56, 255),
-    (82, 0, 133),
-    (203, 56, 255),
-    (255, 149, 200),
-    (255, 55, 199),
-)
 _RELATION_COLOUR = (255, 255, 0)
+#: What :func:`plot_perception` reads from a :class:`~moai_sdk.results.PerceptionResult`.
+_RESULT_FIELDS = ("frame_width", "frame_height", "frame_image", "panoptic_ids", "segments", "detections", "relations")
 _TEXT_COLOUR = (0, 255, 255)
-
-
-def label_colour(label: str, index: Optional[int] = None) -> tuple[int, int, int]:
-    """Stable box colour of a label: by its vocabulary index when known, else by a hash of the name."""
-    key = index if index is not None else zlib.crc32(label.encode("utf-8"))
-    return _PALETTE[key % len(_PALETTE)]
 
 
 @lru_cache(maxsize=8)
 def _font(size: int) -> Any:
-    from PIL import ImageFont
-
     try:
         return ImageFont.truetype("DejaVuSans.ttf", size)
     except OSError:
@@ -87,8 +59,6 @@ def _canvas(result: PerceptionResult, image: Any) -> np.ndarray:
         if result.frame_image is not None:
             return result.frame_image.copy()
         return np.full(frame + (3,), BACKGROUND_GREY, dtype=np.uint8)
-    from .imageops import load_image_chw, official_resize
-
     chw = load_image_chw(image)
     if tuple(chw.shape[1:]) != frame:
         if frame[0] != frame[1]:
@@ -162,15 +132,13 @@ def plot_perception(
     font_size: Optional[int] = None,
     min_relation_score: float = 0.8,
     max_relations: int = 10,
-) -> PILImage.Image:
+) -> Image.Image:
     """Draw ``result`` over ``image`` (any image input; default: the kept frame, else a grey canvas).
 
     The image is brought to the result's frame with the official resize when its size differs. Returns a
     new RGB PIL image of the frame size.
     """
-    from PIL import Image, ImageDraw
-
-    if not isinstance(result, PerceptionResult):
+    if not all(hasattr(result, name) for name in _RESULT_FIELDS):  # duck-typed: this module does not import results
         raise InputError(f"plot_perception needs a PerceptionResult; got {type(result).__name__}")
     if isinstance(show, str):
         show = (show,)
@@ -213,8 +181,6 @@ def plot_perception(
             _tag(draw, (det.box.x0, det.box.y0), f"{det.label} {det.score:.2f}", colour, font)
 
     if "relations" in show and result.relations:
-        from .verbalization import number_duplicates
-
         names = number_duplicates([clean_coco_name(o.label) for o in result.scene_graph_objects])
         ranked = sorted(range(len(result.relations)), key=lambda i: (-result.relations[i].score, i))
         chosen = [i for i in ranked if result.relations[i].score >= min_relation_score][:max_relations]
