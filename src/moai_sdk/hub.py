@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping, Optional, Union
 
 from huggingface_hub import constants, hf_hub_download, scan_cache_dir, snapshot_download
@@ -247,7 +247,24 @@ def _shards(index_path: Path) -> list[str]:
         raise CheckpointError(f"cannot read the weight index {str(index_path)!r}: {exc}") from exc
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{str(index_path)!r} has no 'weight_map'")
-    return sorted(set(weight_map.values()))
+    names = sorted({str(v) for v in weight_map.values()})
+    for name, value in ((str(v), v) for v in weight_map.values()):
+        if not isinstance(value, str) or not _is_inside_name(name):
+            raise CheckpointError(
+                f"{str(index_path)!r} names the shard {value!r}, which is not a file inside the checkpoint folder "
+                "(absolute paths and '..' are refused); the index is corrupt or hostile"
+            )
+    return names
+
+
+def _is_inside_name(name: str) -> bool:
+    """Whether ``name`` is a relative file name that stays inside its folder (no absolute path, drive or '..')."""
+    if not name or "\0" in name:
+        return False
+    posix, windows = PurePosixPath(name.replace("\\", "/")), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
+        return False
+    return ".." not in posix.parts and posix.name not in ("", ".")
 
 
 def find_weights(path_or_repo_id: str | os.PathLike, *, hub: HubOptions | None = None) -> tuple[list[Path], str] | None:

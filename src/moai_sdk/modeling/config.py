@@ -9,6 +9,7 @@ values of the released MoAI-7B otherwise.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +94,131 @@ class MoAIStructure:
 _STRUCTURE_FIELDS = {f for f in MoAIStructure.__dataclass_fields__}
 
 
+# ---------------------------------------------------------------------------------------------- schema
+#: Positive integer fields of the decoder and of ``moai_structure`` (``config.json`` names).
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+_STRUCTURE_POSITIVE_INTS = (
+    "image_size",
+    "patch_size",
+    "vision_pos_interp_from_grid",
+    "vision_pos_interp_to_grid",
+    "mm_hidden_size",
+    "mixer_every",
+    "mixer_rank",
+    "mixer_heads",
+    "gate_outputs",
+    "compressor_depth",
+    "compressor_latents",
+    "compressor_heads",
+    "compressor_dim_head",
+    "plora_rank",
+    "plora_alpha",
+)
+_VISION_POSITIVE_INTS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "patch_size",
+    "image_size",
+)
+#: Activations the decoder (InternLM2: SiLU) and the CLIP tower (transformers' ACT2FN names) support.
+DECODER_ACTIVATIONS = ("silu",)
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu")
+_SOFTMAX_DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ConfigError(f"config field {name!r} must be a positive integer, got {value}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config field {name!r} must be a finite number > 0, got {value!r}")
+
+
+def _token_id(name: str, value: Any, vocab_size: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= vocab_size:
+        raise ConfigError(
+            f"config field {name!r} must be a token id in 0..{vocab_size} (vocab_size {vocab_size}), got {value!r}"
+        )
+
+
+def check_config_schema(cfg: MoAIConfig) -> None:
+    """Types and ranges of every field, before anything is built: :class:`ConfigError` naming the field."""
+    for name in _POSITIVE_INTS:
+        _positive_int(name, getattr(cfg, name))
+    for name in ("rms_norm_eps", "rope_theta"):
+        _positive_float(name, getattr(cfg, name))
+    if cfg.hidden_act not in DECODER_ACTIVATIONS:
+        raise ConfigError(f"config field 'hidden_act' must be one of {DECODER_ACTIVATIONS}, got {cfg.hidden_act!r}")
+    if not isinstance(cfg.bias, bool):
+        raise ConfigError(f"config field 'bias' must be true or false, got {cfg.bias!r}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        _token_id(name, getattr(cfg, name), cfg.vocab_size - 1)
+    _token_id("image_token_index", cfg.image_token_index, cfg.vocab_size, allow_none=True)
+    if cfg.rope_scaling is not None:
+        if not isinstance(cfg.rope_scaling, dict):
+            raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {cfg.rope_scaling!r}")
+        _positive_float("rope_scaling.factor", cfg.rope_scaling.get("factor"))
+    s = cfg.structure
+    for name in _STRUCTURE_POSITIVE_INTS:
+        _positive_int(f"moai_structure.{name}", getattr(s, name))
+    _positive_float("moai_structure.compressor_ff_mult", s.compressor_ff_mult)
+    if s.gate_softmax_dtype not in _SOFTMAX_DTYPE_NAMES:
+        raise ConfigError(
+            f"config field 'moai_structure.gate_softmax_dtype' must be one of {_SOFTMAX_DTYPE_NAMES}, "
+            f"got {s.gate_softmax_dtype!r}"
+        )
+    if s.mixer_layers is not None and (
+        not isinstance(s.mixer_layers, list) or not all(type(i) is int for i in s.mixer_layers)
+    ):
+        raise ConfigError(
+            f"config field 'moai_structure.mixer_layers' must be a list of integers, got {s.mixer_layers!r}"
+        )
+    for name in ("image_mean_0_1", "image_std_0_1"):
+        value = getattr(s, name)
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ConfigError(f"config field 'moai_structure.{name}' must hold 3 numbers, got {value!r}")
+        for v in value:
+            (_positive_float if name == "image_std_0_1" else _finite)(f"moai_structure.{name}", v)
+    v = s.vision_config
+    for name in _VISION_POSITIVE_INTS:
+        _positive_int(f"moai_structure.vision_config.{name}", v.get(name))
+    if v.get("hidden_act") not in VISION_ACTIVATIONS:
+        raise ConfigError(
+            f"config field 'moai_structure.vision_config.hidden_act' must be one of {VISION_ACTIVATIONS}, "
+            f"got {v.get('hidden_act')!r}"
+        )
+    _positive_float("moai_structure.vision_config.layer_norm_eps", v.get("layer_norm_eps"))
+    if v["hidden_size"] % v["num_attention_heads"]:
+        raise ConfigError(
+            f"moai_structure.vision_config: hidden_size {v['hidden_size']} is not divisible by num_attention_heads "
+            f"{v['num_attention_heads']}"
+        )
+    if s.image_size % s.patch_size:
+        raise ConfigError(f"moai_structure: image_size {s.image_size} is not a multiple of patch_size {s.patch_size}")
+
+
+def _finite(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"config field {name!r} must be a finite number, got {value!r}")
+
+
 @dataclass
 class MoAIConfig:
     """Hyper-parameters of a MoAI model (InternLM2 decoder + MoAI parts)."""
@@ -151,6 +277,7 @@ class MoAIConfig:
         return [i for i in range(self.num_hidden_layers) if (i + 1) % s.mixer_every == 0]
 
     def validate(self) -> MoAIConfig:
+        check_config_schema(self)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -194,23 +321,26 @@ class MoAIConfig:
         if "rope_scaling" in data:
             kwargs["rope_scaling"] = data["rope_scaling"]
         # The official loader sets pad_token_id to -100 after loading; the tokenizer pads with </s> (id 2).
-        if kwargs.get("pad_token_id", 2) is None or int(kwargs.get("pad_token_id", 2)) < 0:
-            kwargs["pad_token_id"] = int(data.get("eos_token_id", 2))
+        pad = kwargs.get("pad_token_id", 2)
+        if pad is None or (isinstance(pad, int) and not isinstance(pad, bool) and pad < 0):
+            kwargs["pad_token_id"] = data.get("eos_token_id", 2)
         structure = MoAIStructure()
         block = data.get("moai_structure")
         if block is not None:
             if not isinstance(block, dict):
                 raise ConfigError("'moai_structure' in config.json must be an object")
             known = {k: v for k, v in block.items() if k in _STRUCTURE_FIELDS}
-            if "compressor_dim" in block and int(block["compressor_dim"]) != int(
-                kwargs.get("hidden_size", cls.hidden_size)
-            ):
-                raise ConfigError("moai_structure.compressor_dim must equal hidden_size")
             structure = MoAIStructure(**{**asdict(MoAIStructure()), **known})
             if "vision_config" in block:
                 structure.vision_config = _clean_vision_config(block["vision_config"])
-        cfg = cls(**kwargs, structure=structure)
-        return cfg.validate()
+        try:
+            cfg = cls(**kwargs, structure=structure)
+        except TypeError as exc:
+            raise ConfigError(f"config.json: {exc}") from exc
+        cfg.validate()
+        if block is not None and "compressor_dim" in block and block["compressor_dim"] != cfg.hidden_size:
+            raise ConfigError("moai_structure.compressor_dim must equal hidden_size")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
