@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from moai_sdk import InputError
 from moai_sdk.batch import OutputWriter, read_inputs, read_rows, run
@@ -300,56 +298,29 @@ def test_video_is_sampled_every_n_seconds_at_the_expected_timestamps(tmp_path, p
     assert all(r["error"] is None and isinstance(r["answer"], str) for r in rows)
 
 
-def test_cli_batch_and_score_end_to_end(tmp_path, tiny_root):
+def test_cli_batch_and_score_end_to_end(tmp_path, tiny_root, capsys):
+    from moai_sdk.cli import main
+
     img = tmp_path / "a.png"
     demo_image("Y", size=(64, 64)).save(img)
-    buf = io.BytesIO()
-    Image.open(img).save(buf, format="PNG")
     manifest = tmp_path / "q.jsonl"
-    manifest.write_text(
-        json.dumps({"id": "q1", "image": "a.png", "prompt": "Is there a cat?", "label": "yes"})
-        + "\n"
-        + json.dumps(
-            {"id": "q2", "image": base64.b64encode(buf.getvalue()).decode(), "prompt": "A dog?", "label": "no"}
-        )
-        + "\n"
-    )
+    rows = [
+        {"id": "q1", "image": "a.png", "prompt": "Is there a cat?", "label": "yes"},
+        {"id": "q2", "image": base64.b64encode(img.read_bytes()).decode(), "prompt": "A dog?", "label": "no"},
+        {"id": "q3", "image": "https://example.org/cat.png", "prompt": "A cow?", "label": "no"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.parquet"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    base = [sys.executable, "-m", "moai_sdk.cli"]
-    done = subprocess.run(
-        base
-        + [
-            "batch",
-            str(manifest),
-            str(out),
-            "--tiny",
-            str(tiny_root),
-            "--experts",
-            "none",
-            "--max-new-tokens",
-            "3",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = read_rows(out)
-    assert [(r["id"], r["label"], r["error"]) for r in rows] == [("q1", "yes", None), ("q2", "no", None)]
-    scored = subprocess.run(
-        base + ["score", str(out), "--task", "pope", "--json"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert scored.returncode == 0, scored.stderr[-2000:]
-    metrics = json.loads(scored.stdout)
-    assert set(metrics) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"} and metrics["n"] == 2
-    again = subprocess.run(
-        base + ["batch", str(manifest), str(out), "--tiny", str(tiny_root)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert again.returncode == 1 and "--resume" in again.stderr
+    argv = ["batch", str(manifest), str(out), "--tiny", str(tiny_root), "--experts", "none", "--max-new-tokens", "3"]
+    assert main(argv + ["--no-progress"]) == 0
+    assert "3 rows written (1 with an error" in capsys.readouterr().err
+    got = read_rows(out)
+    assert [(r["id"], r["label"]) for r in got] == [("q1", "yes"), ("q2", "no"), ("q3", "no")]
+    assert got[0]["error"] is None and got[1]["error"] is None
+    assert "--allow-remote-images" in got[2]["error"]  # nothing is fetched unless asked
+    assert got[0]["verbalization"] == "   "  # no experts: the official empty verbalization
+    assert main(["score", str(out), "--task", "pope", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 2 and "1 row(s) with an error" in captured.err
+    assert main(argv) == 1  # the output exists: refused without --resume / --overwrite
+    assert "--resume" in capsys.readouterr().err

@@ -21,7 +21,6 @@ from moai_sdk.batch.output import journal_path, read_journal
 from moai_sdk.testing import build_tiny_experts, demo_image, tiny_pipeline
 
 ray = pytest.importorskip("ray")
-psutil = pytest.importorskip("psutil")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -97,16 +96,15 @@ def test_ray_rows_equal_the_local_runner_rows(ray_cluster, setup, tmp_path):
 
 
 def _model_actor_pids() -> list[int]:
-    """Processes of this session's Ray workers that run the LLM stage."""
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "MoAIPredictor" in title:
-            pids.append(proc.pid)
-    return pids
+    """Process ids of the live actors of the LLM stage (Ray Data names them ``MapWorker(MapBatches(...))``), read
+    from the cluster's actor table."""
+    from ray._private import state
+
+    return [
+        int(a["Pid"])
+        for a in state.actors().values()
+        if "MoAIPredictor" in str(a.get("ActorClassName")) and a.get("State") == "ALIVE" and a.get("Pid")
+    ]
 
 
 def test_an_actor_killed_mid_run_loses_and_duplicates_no_row(ray_cluster, setup, tmp_path):
@@ -170,7 +168,7 @@ def test_the_predictors_work_in_a_users_own_map_batches(ray_cluster, setup):
         MoAIPredictor,
         fn_constructor_kwargs={"pipeline": spec, "generation": GEN},
         batch_size=2,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
         batch_format="numpy",
     )

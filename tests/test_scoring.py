@@ -19,7 +19,7 @@ POPE_ROWS = [
     ("yes", "no"),  # yes: FP
     ("Yes.", "yes"),  # yes: TP
     ("I do not know. Yes", "no"),  # first sentence has "not" -> no: TN
-    ("NO", "no"),  # neither "No", "no" nor "not" as a word -> yes: FP (the official script's rule)
+    ("NO", "no"),  # lower-cased first, as MoAI's evaluation does -> no: TN (LLaVA's script would say yes)
 ]
 
 
@@ -34,12 +34,12 @@ def write(path, pairs, *, error_row=True):
 
 
 def test_pope_metrics_match_the_hand_computed_confusion_matrix(tmp_path):
-    # TP = 2, TN = 2, FP = 2, FN = 1 over n = 7 (the error row is not scored)
+    # TP = 2, TN = 3, FP = 1, FN = 1 over n = 7 (the error row is not scored)
     metrics = score_file(write(tmp_path / "pope.jsonl", POPE_ROWS), "pope")
     assert metrics == pytest.approx(
-        {"accuracy": 4 / 7, "precision": 2 / 4, "recall": 2 / 3, "f1": 4 / 7, "yes_ratio": 4 / 7, "n": 7}
+        {"accuracy": 5 / 7, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 7, "n": 7}
     )
-    assert [extract_yes_no(a) for a, _ in POPE_ROWS] == ["yes", "no", "no", "yes", "yes", "no", "yes"]
+    assert [extract_yes_no(a) for a, _ in POPE_ROWS] == ["yes", "no", "no", "yes", "yes", "no", "no"]
 
 
 def test_multiple_choice_and_exact_match(tmp_path):
@@ -76,5 +76,5 @@ def test_moai_score_prints_json_and_a_table(tmp_path, capsys):
     assert metrics["n"] == 7 and "1 row(s) with an error were not scored" in captured.err
     assert main(["score", str(path), "--task", "pope"]) == 0
     table = capsys.readouterr().out
-    assert "accuracy" in table and "57.14" in table and "yes_ratio" in table
+    assert "accuracy" in table and "71.43" in table and "yes_ratio" in table
     assert main(["score", str(tmp_path / "missing.jsonl"), "--task", "exact"]) == 1

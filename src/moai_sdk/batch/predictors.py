@@ -9,10 +9,11 @@ Ray, so users can put them in their own pipelines::
 
     spec = PipelineSpec(model="BK-Lee/MoAI-7B")
     ds = ray.data.read_json("questions.jsonl")                    # columns: image (path/URL), prompt, ...
+    pool = ray.data.ActorPoolStrategy(size=2)
     ds = ds.map_batches(PerceptionPredictor, fn_constructor_kwargs={"pipeline": spec},
-                        batch_size=8, concurrency=2, num_gpus=1)  # adds "perception" (JSON) and "frame"
+                        batch_size=8, compute=pool, num_gpus=1)   # adds "perception" (JSON) and "frame"
     ds = ds.map_batches(MoAIPredictor, fn_constructor_kwargs={"pipeline": spec, "perception_columns": ["perception"]},
-                        batch_size=8, concurrency=2, num_gpus=1)  # adds answer, verbalization, ...
+                        batch_size=8, compute=pool, num_gpus=1)   # adds answer, verbalization, ...
     ds.write_parquet("answers/")
 
 Columns read: ``image`` (a path, ``http(s)`` URL, ``data:`` URL or bytes), ``prompt``, optionally ``error`` (rows

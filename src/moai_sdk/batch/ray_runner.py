@@ -81,12 +81,13 @@ def build_dataset(
     model stages have GPUs, none otherwise. Returns the dataset (lazy); write it with ``write_parquet`` or
     iterate it with ``iter_batches``.
     """
+    ray = import_ray()
     if cpu_experts is None:
         cpu_experts = ["ocr"] if num_gpus_per_actor > 0 else []
     common: dict[str, Any] = dict(
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
     )

@@ -1,9 +1,10 @@
 """The paper's benchmark metrics from a ``moai batch`` output that carries a label column (``moai score``).
 
-* ``pope`` -- POPE (object hallucination): the answer is reduced to yes/no the usual way (the POPE / LLaVA
-  evaluation script: keep the first sentence, drop commas, split on spaces; ``no``, ``No`` or ``not`` among the
-  words means *no*, anything else *yes*); *yes* is the positive class. Metrics: ``accuracy``, ``precision``,
-  ``recall``, ``f1``, ``yes_ratio`` (share of *yes* predictions), ``n``.
+* ``pope`` -- POPE (object hallucination): the answer is reduced to yes/no as the official MoAI evaluation
+  (``moai/eval/evalaute_pope.py``, the POPE/LLaVA script with the answer lower-cased first) does: lower case,
+  keep the first sentence, drop commas, split on spaces; ``no`` or ``not`` among the words means *no*, anything
+  else *yes*; *yes* is the positive class. Metrics: ``accuracy``, ``precision``, ``recall``, ``f1``,
+  ``yes_ratio`` (share of *yes* predictions), ``n``.
 * ``choice`` -- multiple choice (MMBench, SEED, ...): the option letter is taken from the answer (a leading
   ``B``, ``(B)``, ``B.``, ``B)``; else "answer is B"/"option B"; else the first ``(B)``; else the first standalone
   capital option letter) and compared with the label's letter. Metrics: ``accuracy``, ``n``.
@@ -33,8 +34,9 @@ CHOICE_LETTERS = "ABCDEFGH"
 
 
 def extract_yes_no(text: Optional[str]) -> str:
-    """POPE's yes/no extraction (first sentence; ``no``/``No``/``not`` as a word means ``"no"``)."""
-    text = text or ""
+    """The official MoAI POPE yes/no extraction (lower case, first sentence; ``no``/``not`` as a word means
+    ``"no"``)."""
+    text = (text or "").lower()
     if "." in text:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
