@@ -87,3 +87,22 @@ def test_demo_image():
     assert img.getpixel((0, 0)) == (240, 240, 235)
     with pytest.raises(ConfigError):
         demo_image("x", (10, 10))
+
+
+def test_old_builder_homes_are_deprecated_aliases(monkeypatch):
+    """The tiny builders live in moai_sdk.testing; the old modules warn and hand out the same objects."""
+    import importlib
+    import sys
+
+    import moai_sdk.experts.scene_graph as scene_graph
+    import moai_sdk.testing as testing
+
+    for name in ("moai_sdk.experts.tiny", "moai_sdk.experts.scene_graph.synthetic"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.warns(DeprecationWarning, match="moai_sdk.testing"):
+        tiny = importlib.import_module("moai_sdk.experts.tiny")
+    assert tiny.build_tiny_psgtr is testing.build_tiny_psgtr and tiny.TINY_IMAGE_SIZE == testing.TINY_IMAGE_SIZE
+    with pytest.warns(DeprecationWarning, match="synthetic_state_dict from moai_sdk.testing"):
+        assert scene_graph.synthetic_state_dict is testing.synthetic_state_dict
+    with pytest.raises(AttributeError):
+        scene_graph.no_such_name  # noqa: B018

@@ -16,10 +16,14 @@ What is built:
   InternLM2 of width 32 with the MoAI-Mixer in layer 8, a 2-layer CLIP tower of width 40 at 490 x 490
   (1225 patches, like MoAI-7B), the MoAI-Compressor and a 1000-piece sentencepiece tokenizer. The weights are
   random but scaled so that activations and logits stay in a sane range (greedy decoding has clear margins).
-* :func:`build_tiny_experts` -- tiny random Mask2Former and OWLv2 checkpoints (and the real RapidOCR, which
-  needs no download), as an ``experts=`` specification for :class:`~moai_sdk.pipeline.MoAIPipeline`.
+* :func:`build_tiny_experts` -- tiny random Mask2Former, OWLv2 and PSGTR checkpoints (and the real RapidOCR,
+  which needs no download), as an ``experts=`` specification for :class:`~moai_sdk.pipeline.MoAIPipeline`; the
+  single builders are :func:`build_tiny_mask2former`, :func:`build_tiny_owlv2` and :func:`build_tiny_psgtr`, and
+  :func:`synthetic_state_dict` gives the seeded PSGTR weights the golden fixtures were made with.
 * :func:`tiny_pipeline` -- both, wired into a pipeline on CPU in float32.
 
+Every tiny-model builder of the package lives here (:mod:`.tiny_moai`, :mod:`.tiny_experts`); the old homes
+``moai_sdk.experts.tiny`` and ``moai_sdk.experts.scene_graph.synthetic`` are deprecated aliases.
 The answers of the tiny model are random tokens: only the plumbing is real.
 """
 
