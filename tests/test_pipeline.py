@@ -15,7 +15,7 @@ from PIL import Image
 
 from moai_sdk import ConfigError, GenerationError, InputError, MoAIResult, PerceptionResult
 from moai_sdk.experts.base import Expert
-from moai_sdk.pipeline import ANSWER_CUT, MoAIPipeline, resolve_experts
+from moai_sdk.pipeline import ANSWER_CUT, DEFAULT_EXPERTS, MoAIPipeline, resolve_experts
 from moai_sdk.processing import EMPTY_VERBALIZATION
 from moai_sdk.testing import build_tiny_experts, build_tiny_moai, demo_image, tiny_pipeline
 
@@ -320,6 +320,10 @@ def test_expert_specifications(tmp_path):
     assert by_name["detection"].model_id == "my/owl" and by_name["detection"].revision == "abc"
     with pytest.raises(ConfigError, match="two experts"):
         resolve_experts(["rapidocr", "paddleocr"])
+    tasks = resolve_experts(["ocr", {"name": "detection", "threshold": 0.3}, "scene_graph", "segmentation"])
+    assert {t: e.name for t, e in tasks.items()} == DEFAULT_EXPERTS  # a task name means its default expert
+    assert tasks["detection"].settings["threshold"] == 0.3
+    assert resolve_experts({"ocr": "ocr"})["ocr"].name == "rapidocr"
     with pytest.raises(ConfigError, match="unknown expert"):
         resolve_experts(["no-such-expert"])
     with pytest.raises(ConfigError, match="an expert for 'ocr'"):

@@ -1,19 +1,20 @@
 """`MoAIPipeline`: image + question -> answer, a thin facade over one module per stage.
 
-=============  ======================================================================  ========================
-stage          module / class                                                          from the pipeline
-=============  ======================================================================  ========================
-experts        :mod:`moai_sdk.experts.selection` builds one :class:`~moai_sdk.experts.  ``pipe.experts[task]``
-               base.Expert` per task; :class:`~moai_sdk.experts.base.Perception` runs
-               them through the :class:`~moai_sdk.cache.ExpertCache`
-verbalization  :func:`moai_sdk.verbalization.verbalize` (experts' results -> aux text)    ``pipe.verbalize``
-processor      :class:`moai_sdk.processing.MoAIProcessor` (tokenizer, image tensors)     ``pipe.processor``
-vision         :class:`moai_sdk.modeling.vision.CLIPVisionTower` + ``VisionProjector``   ``pipe.vision_tower``
-compressor     :mod:`moai_sdk.modeling.compressor` (aux text + panoptic map -> tokens)   ``pipe.compressor``
-mixer          :class:`moai_sdk.modeling.mixer.MoAIMixer`, one per decoder layer         ``pipe.mixers``
-decoding       :func:`moai_sdk.modeling.generation.generate` (prefill, then decode);     ``pipe.model.generate``
-               answers are cut and streamed by :mod:`moai_sdk.streaming`
-=============  ======================================================================  ========================
+=============  ====================================================================  =======================
+stage          module / class                                                        from the pipeline
+=============  ====================================================================  =======================
+experts        ``experts.selection.resolve_experts`` -> one ``Expert`` per task,     ``pipe.experts[task]``
+               run by ``experts.base.Perception`` through the ``cache.ExpertCache``
+verbalization  ``verbalization.verbalize``: experts' results -> aux text             ``pipe.verbalize``
+processor      ``processing.MoAIProcessor``: prompts, aux texts, images -> tensors   ``pipe.processor``
+vision         ``modeling.vision.CLIPVisionTower`` + ``VisionProjector``             ``pipe.vision_tower``
+compressor     ``modeling.compressor.MoAICompressor``: aux text + map -> tokens      ``pipe.compressor``
+mixer          ``modeling.mixer.MoAIMixer``, in the mixer layers of the decoder      ``pipe.mixers``
+decoding       ``modeling.generation.generate`` (prefill, decode); answers cut       ``pipe.model.generate``
+               and streamed by ``streaming`` (``cut_answer``, ``AnswerStream``)
+=============  ====================================================================  =======================
+
+Modules are under ``moai_sdk``.
 
 The pipeline records its configuration when it is built and loads each component the first time it is needed
 (or all at once with :meth:`MoAIPipeline.load`). Hub settings (revision, cache folder, token, offline) are one
@@ -60,16 +61,16 @@ from .experts.selection import DEFAULT_EXPERTS, ExpertSpec, resolve_cache, resol
 from .hub import HubOptions
 from .imageops import MOAI_IMAGE_SIZE, prepare_frames, split_images
 from .modeling import GenerationSettings, MoAIForCausalLM
+from .modeling.compressor import MoAICompressor
 from .modeling.config import check_attn_implementation
 from .modeling.generation import GenerateOutput
 from .modeling.mixer import MoAIMixer
 from .modeling.quantization import check_quantization
-from .processing import MoAIInputs, MoAIProcessor
+from .processing import EMPTY_VERBALIZATION, MoAIInputs, MoAIProcessor  # TODO: from .verbalization (H3 moves it)
 from .prompts import DEFAULT_TEMPLATE, check_template
 from .results import MoAIResult, PerceptionResult
 from .streaming import ANSWER_CUT, AnswerStream, TokenCallback, cut_answer, stream_in_thread
 from .tokenization import MoAITokenizer
-from .processing import EMPTY_VERBALIZATION  # TODO(H1): from .verbalization once it lives there
 from .verbalization import verbalize
 
 logger = logging.getLogger(__name__)
@@ -345,9 +346,9 @@ class MoAIPipeline:
         return self.model.vit
 
     @property
-    def compressor(self) -> torch.nn.Module:
+    def compressor(self) -> MoAICompressor:
         """The compressor inside the model: verbalization + panoptic map -> the aux tokens the mixers read."""
-        return self.model.moai_compressor
+        return self.model.compressor
 
     @property
     def mixers(self) -> list[MoAIMixer]:
@@ -385,10 +386,7 @@ class MoAIPipeline:
         with self._lock:
             if self._model is not None and dev != self._model.device:
                 if self._model.load_info.get("quantization"):
-                    raise ConfigError(
-                        "a quantized model cannot be moved between devices; build the pipeline with "
-                        f"device={str(dev)!r} instead"
-                    )
+                    raise ConfigError(f"a quantized model cannot move; build the pipeline with device={str(dev)!r}")
                 self._model.to(dev)
             for exp in self.experts.values():
                 if exp.is_loaded:
@@ -431,9 +429,7 @@ class MoAIPipeline:
         """
         chosen = select_experts(self.experts, experts)
         if not chosen:
-            raise ConfigError(
-                "this pipeline has no experts to run; configure them with MoAIPipeline.from_pretrained(experts=...)"
-            )
+            raise ConfigError("this pipeline has no experts to run; configure them with from_pretrained(experts=...)")
         frames, sizes = self._frames(images)
         if not frames:
             raise InputError("no images given")
