@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError, DependencyError
 from .base import Expert
+from .settings import ExpertSettings, PositiveInt, UnitFloat
 from .weights import load_pretrained, resolve_weight_file, transformers_hub_plan, weight_file_hub_plan
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,17 @@ class TransformersExpert(Expert):
         super()._unload()
 
 
+class UltralyticsSettings(ExpertSettings):
+    """The ``predict`` options every ultralytics expert has (:func:`ultralytics_predict` reads them); experts
+    restate a field to change its default."""
+
+    conf: UnitFloat = 0.25
+    iou: UnitFloat = 0.7
+    imgsz: PositiveInt = 640
+    max_det: PositiveInt = 300
+    batch_size: PositiveInt = 8
+
+
 class UltralyticsExpert(Expert):
     """An expert running an ultralytics model: ``model_id`` is a local weight file, an ultralytics name (fetched
     by ultralytics itself) or ``hf://owner/repo/file.pt`` (fetched through :mod:`moai_sdk.hub`)."""
@@ -202,6 +214,7 @@ class UltralyticsExpert(Expert):
 __all__ = [
     "TransformersExpert",
     "UltralyticsExpert",
+    "UltralyticsSettings",
     "import_ultralytics",
     "chunks",
     "ultralytics_predict",

@@ -26,7 +26,14 @@ import torch
 from pydantic import field_validator
 
 from ..results import Box, Detection, PerceptionResult, load_vocab
-from .backends import TransformersExpert, UltralyticsExpert, chunks, keeps_thread_settings, ultralytics_predict
+from .backends import (
+    TransformersExpert,
+    UltralyticsExpert,
+    UltralyticsSettings,
+    chunks,
+    keeps_thread_settings,
+    ultralytics_predict,
+)
 from .base import frame_result, register_expert
 from .settings import ExpertSettings, ImageBackend, OptionalPositiveInt, PositiveInt, UnitFloat
 
@@ -272,12 +279,8 @@ class YoloWorldExpert(OpenVocabulary, UltralyticsExpert):
     ``imgsz`` (640), ``max_det`` (300), ``queries``, ``batch_size`` (8).
     """
 
-    class Settings(QuerySettings):
+    class Settings(QuerySettings, UltralyticsSettings):
         conf: UnitFloat = 0.1
-        iou: UnitFloat = 0.7
-        imgsz: PositiveInt = 640
-        max_det: PositiveInt = 300
-        batch_size: PositiveInt = 8
 
     name = "yolo-world"
     task = "detection"

@@ -24,7 +24,14 @@ from pydantic import field_validator
 
 from ..errors import ConfigError, ExpertError
 from ..results import PerceptionResult, Segment, load_vocab
-from .backends import TransformersExpert, UltralyticsExpert, chunks, keeps_thread_settings, ultralytics_predict
+from .backends import (
+    TransformersExpert,
+    UltralyticsExpert,
+    UltralyticsSettings,
+    chunks,
+    keeps_thread_settings,
+    ultralytics_predict,
+)
 from .base import frame_result, register_expert
 from .settings import ExpertSettings, ImageBackend, PositiveInt, UnitFloat
 
@@ -257,13 +264,10 @@ class YoloSegExpert(UltralyticsExpert):
     ``dtype=torch.float16`` runs ultralytics in half precision (CUDA).
     """
 
-    class Settings(ExpertSettings):
+    class Settings(UltralyticsSettings):
         conf: UnitFloat = 0.5
-        iou: UnitFloat = 0.7
-        imgsz: PositiveInt = 640
         max_det: PositiveInt = 100
         overlap_mask_area_threshold: UnitFloat = 0.8
-        batch_size: PositiveInt = 8
         keep_masks: bool = True
 
     name = "yolo-seg"

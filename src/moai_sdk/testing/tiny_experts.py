@@ -110,11 +110,16 @@ def build_tiny_mask2former(directory: PathLike, *, seed: int = 0, num_queries: i
         do_reduce_labels=False,
         num_labels=len(names),
     )
+    return _save_pretrained(directory, model, processor, "Mask2Former")
+
+
+def _save_pretrained(directory: PathLike, model: Any, processor: Any, what: str) -> Path:
+    """Save ``model`` and ``processor`` with ``save_pretrained`` into ``directory`` (created) and return it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    logger.info("saved a tiny Mask2Former to %s", out)
+    logger.info("saved a tiny %s to %s", what, out)
     return out
 
 
@@ -176,13 +181,7 @@ def build_tiny_owlv2(directory: PathLike, *, seed: int = 0) -> Path:
     )
     image_processor = image_processor_cls(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     processor = tf.Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    logger.info("saved a tiny OWLv2 to %s", out)
-    return out
+    return _save_pretrained(directory, model, processor, "OWLv2")
 
 
 #: Seed of the golden fixtures.

@@ -15,6 +15,7 @@ from typing import Any, Union
 import torch
 
 from ..modeling import MoAIConfig, MoAIForCausalLM
+from ..modeling.config import CLIP_L14_336_VISION_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +47,14 @@ TINY_MOAI_CONFIG: dict[str, Any] = {
     "torch_dtype": "float32",
     "image_token_index": 1000,
     "moai_structure": {
+        # CLIP ViT-L/14-336 as MoAI runs it (490 px, patch 14), narrowed and shallowed
         "vision_config": {
+            **CLIP_L14_336_VISION_CONFIG,
             "hidden_size": 40,
             "intermediate_size": 60,
             "projection_dim": 24,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "num_channels": 3,
-            "patch_size": 14,
-            "image_size": 490,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "attention_dropout": 0.0,
-            "initializer_range": 0.02,
-            "initializer_factor": 1.0,
         },
         "image_size": 490,
         "patch_size": 14,
