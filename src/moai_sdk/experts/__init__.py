@@ -17,6 +17,7 @@ from .base import (
     register_expert,
     unregister_expert,
 )
+from .settings import ExpertSettings, PositiveInt, UnitFloat
 
 __all__ = [
     "Expert",
@@ -27,4 +28,7 @@ __all__ = [
     "get_expert_class",
     "available_experts",
     "SCENE_GRAPH_MISSING_WARNING",
+    "ExpertSettings",
+    "UnitFloat",
+    "PositiveInt",
 ]

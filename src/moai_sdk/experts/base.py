@@ -13,13 +13,17 @@ Writing an expert::
         task = "ocr"
         default_model_id = None
 
+        class Settings(ExpertSettings):  # typed options: a bad value raises ConfigError naming the field
+            min_score: UnitFloat = 0.5
+
         def _load(self):
             self.model = build_my_model(self.model_id, device=self.device)
 
         def _predict(self, images):
             return [self.make_result(img, text_lines=[...]) for img in images]
 
-Models load lazily: the first :meth:`Expert.predict` calls :meth:`Expert.load`.
+Models load lazily: the first :meth:`Expert.predict` calls :meth:`Expert.load`. :meth:`Expert.download_plan` /
+:meth:`Expert.prefetch` say how and fetch the weights ahead of time (``moai download``).
 """
 
 from __future__ import annotations
