@@ -15,8 +15,8 @@ from conftest import random_frames as frames
 from moai_sdk.errors import CheckpointError, ConfigError, ExpertError, InputError
 from moai_sdk.experts import Perception, available_experts, create_expert
 from moai_sdk.experts.segmentation import Mask2FormerExpert, segments_from_id_map
-from moai_sdk.testing import TINY_IMAGE_SIZE, build_tiny_mask2former
 from moai_sdk.results import load_vocab
+from moai_sdk.testing import TINY_IMAGE_SIZE, build_tiny_mask2former
 
 COCO = load_vocab("COCO_PANOPTIC_CLASSES")
 PERSON, SKY, DOG, CAR = 0, COCO.index("sky-other-merged"), COCO.index("dog"), COCO.index("car")

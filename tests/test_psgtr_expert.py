@@ -9,8 +9,8 @@ import torch
 from moai_sdk.errors import CheckpointError, ConfigError
 from moai_sdk.experts import Perception, available_experts, create_expert
 from moai_sdk.experts.scene_graph import PSGTRExpert, prediction_to_fields
-from moai_sdk.testing import synthetic_state_dict
 from moai_sdk.results import PerceptionResult
+from moai_sdk.testing import synthetic_state_dict
 from moai_sdk.verbalization import verbalize_scene_graph
 
 #: A reduced resize target keeps these tests fast (MoAI's 490 x 490 frames become 800 x 800 by default).
