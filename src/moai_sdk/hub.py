@@ -117,38 +117,23 @@ def is_repo_id(value: str) -> bool:
     return bool(_REPO_ID.match(value)) and value.count("/") <= 1
 
 
-def _options(
-    hub: HubOptions | Mapping[str, Any] | None,
-    revision: str | None,
-    cache_dir: str | os.PathLike | None,
-    token: str | bool | None,
-    local_files_only: bool,
-) -> HubOptions:
-    """``hub`` with the legacy keywords folded in (a keyword that is given wins)."""
-    return HubOptions.from_any(
-        hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
-    )
-
-
 def download(
     repo_id: str,
     filename: str,
     *,
     required: bool = True,
-    hub: HubOptions | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
+    hub: HubOptions | Mapping[str, Any] | None = None,
     repo_type: str | None = None,
+    **hub_keywords: Any,
 ) -> Path | None:
     """Local path of ``filename`` from a Hub repo (downloaded into the Hub cache unless already there).
 
-    ``hub`` carries revision, cache folder, token and ``local_files_only``; the separate keywords still work and
-    override it. A file the repo does not have -- or, offline, a file that is not cached -- gives ``None`` when
-    ``required=False`` and a :class:`CheckpointError` otherwise.
+    ``hub`` carries revision, cache folder, token and ``local_files_only``; the keywords ``revision``,
+    ``cache_dir``, ``token`` and ``local_files_only`` still work and win over it. A file the repo does not have --
+    or, offline, a file that is not cached -- gives ``None`` when ``required=False`` and a :class:`CheckpointError`
+    otherwise.
     """
-    opts = _options(hub, revision, cache_dir, token, local_files_only)
+    opts = HubOptions.from_any(hub, **hub_keywords)
     revision = opts.revision
     no_network = opts.offline
     where = f"{repo_type + ' ' if repo_type else ''}{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
@@ -203,14 +188,11 @@ def resolve_file(
     filename: str,
     *,
     required: bool = True,
-    hub: HubOptions | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
+    hub: HubOptions | Mapping[str, Any] | None = None,
+    **hub_keywords: Any,
 ) -> Path | None:
     """``filename`` inside a local model folder, or fetched from the Hub repo ``path_or_repo_id`` (``hub`` and
-    the legacy keywords as in :func:`download`)."""
+    the keywords ``revision``, ``cache_dir``, ``token``, ``local_files_only`` as in :func:`download`)."""
     source = os.fspath(path_or_repo_id)
     local = Path(source).expanduser()
     if local.is_dir():
@@ -226,9 +208,7 @@ def resolve_file(
         raise CheckpointError(
             f"model folder {source!r} does not exist and is not a Hugging Face Hub repo id ('owner/name')"
         )
-    return download(
-        source, filename, required=required, hub=_options(hub, revision, cache_dir, token, local_files_only)
-    )
+    return download(source, filename, required=required, hub=HubOptions.from_any(hub, **hub_keywords))
 
 
 # ------------------------------------------------------------------------------------------------------------ weights

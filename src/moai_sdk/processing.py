@@ -258,6 +258,7 @@ class MoAIProcessor:
             raise ConfigError(f"image_size must be a positive int; got {image_size!r}")
         if not isinstance(patch_size, int) or patch_size <= 0 or image_size % patch_size:
             raise ConfigError(f"image_size {image_size} must be a multiple of patch_size {patch_size!r}")
+        **hub_keywords: Any,
         if img_length is None:
             img_length = (image_size // patch_size) ** 2
         if not isinstance(img_length, int) or img_length <= 0:
@@ -280,10 +281,6 @@ class MoAIProcessor:
         path_or_repo_id: str | os.PathLike,
         *,
         hub: HubOptions | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
         normalize_dtype: torch.dtype | str = torch.float32,
     ) -> MoAIProcessor:
         """Tokenizer + image settings of a model folder or Hub repo (``hub`` and the legacy Hub keywords as in
@@ -292,9 +289,7 @@ class MoAIProcessor:
         Image settings come from ``config.json``'s ``moai_structure`` block (``image_size``, ``patch_size``,
         ``image_mean_0_1``, ``image_std_0_1``, ``img_length``); absent values fall back to MoAI-7B's.
         """
-        hub = HubOptions.from_any(
-            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
-        )
+        hub = HubOptions.from_any(hub, **hub_keywords)
         tokenizer = MoAITokenizer.from_pretrained(path_or_repo_id, hub=hub)
         config_path = resolve_model_file(path_or_repo_id, "config.json", required=False, hub=hub)
         settings: dict[str, Any] = {}

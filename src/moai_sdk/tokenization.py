@@ -184,21 +184,16 @@ class MoAITokenizer:
         path_or_repo_id: str | os.PathLike,
         *,
         hub: HubOptions | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
         image_token_id: int | None = None,
+        **hub_keywords: Any,
     ) -> MoAITokenizer:
         """Load ``tokenizer.model`` (and ``tokenizer_config.json`` if present) from a folder or a Hub repo.
 
-        ``hub`` (:class:`~moai_sdk.hub.HubOptions`) says where the files come from; ``revision``, ``cache_dir``,
-        ``token`` and ``local_files_only`` still work and win over it. ``image_token_id`` pins the id of
-        ``<image>`` (it must still be the one the official code would give).
+        ``hub`` (:class:`~moai_sdk.hub.HubOptions`) says where the files come from; the keywords ``revision``,
+        ``cache_dir``, ``token`` and ``local_files_only`` still work and win over it. ``image_token_id`` pins the
+        id of ``<image>`` (it must still be the one the official code would give).
         """
-        hub = HubOptions.from_any(
-            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
-        )
+        hub = HubOptions.from_any(hub, **hub_keywords)
         model_file = resolve_model_file(path_or_repo_id, TOKENIZER_FILE, required=True, hub=hub)
         config_file = resolve_model_file(path_or_repo_id, TOKENIZER_CONFIG_FILE, required=False, hub=hub)
         kwargs = cls._read_config(config_file) if config_file is not None else {}
