@@ -294,3 +294,109 @@ def test_ablation_table_json_and_text():
     assert picture.width > 500
     with pytest.raises(InputError):
         AblationTable.from_json(json.dumps({"prompt": "q"}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pipeline: pipe(..., return_gates=...), pipe.ablate(...), moai run --ablate
+# ----------------------------------------------------------------------------------------------------------
+
+CASE_A = "a_demo_full"
+#: Greedy, no EOS, few tokens: enough to compare answers exactly.
+GREEDY = {"template": "demo", "max_new_tokens": 4, "eos_token_id": []}
+
+
+@pytest.fixture(scope="module")
+def oracle_pipe():
+    """The pipeline on the oracle checkpoint, without experts (perceptions are given)."""
+    from moai_sdk.pipeline import MoAIPipeline
+
+    return MoAIPipeline.from_pretrained(
+        str(TINY), experts=None, device="cpu", dtype="float32", quantization=None, local_files_only=True
+    )
+
+
+@pytest.fixture(scope="module")
+def case_a(cases_meta):
+    meta = cases_meta[CASE_A]
+    return Image.open(TINY / meta["image_files"][0]).convert("RGB"), meta["prompt"][0], case_to_result(meta)
+
+
+def _lacking(full: PerceptionResult, task: str) -> PerceptionResult:
+    """The fixture perception built again without one task's output (written out field by field, independently
+    of PerceptionResult.without): no segments and an all -1 id map, or no detections / scene graph / text."""
+    fields = {
+        "image_width": full.image_width,
+        "image_height": full.image_height,
+        "segments": [] if task == "segmentation" else full.segments,
+        "panoptic_ids": np.full_like(full.panoptic_ids, -1) if task == "segmentation" else full.panoptic_ids,
+        "detections": [] if task == "detection" else full.detections,
+        "scene_graph_objects": [] if task == "scene_graph" else full.scene_graph_objects,
+        "relations": [] if task == "scene_graph" else full.relations,
+        "text_lines": [] if task == "ocr" else full.text_lines,
+    }
+    return PerceptionResult(**fields)
+
+
+def test_return_gates_fills_a_json_result(oracle_pipe, case_a, cases):
+    image, prompt, perception = case_a
+    result = oracle_pipe(image, prompt, perception=perception, return_gates="tokens", **GREEDY)
+    assert result.new_token_ids == cases[f"{CASE_A}.new_tokens"][0, :4].tolist()  # answers are unchanged
+    gates = result.mixer
+    assert [lg.layer for lg in gates.layers] == [7] and gates.dtype == "float16"
+    official_img, official_lang, _, _ = _official_gates(cases, CASE_A)
+    assert gates.layers[0].image == pytest.approx(tuple(official_img.double().mean(0).tolist()), abs=1e-4)
+    assert gates.layers[0].language == pytest.approx(tuple(official_lang.double().mean(0).tolist()), abs=1e-4)
+    assert len(gates.layers[0].image_tokens) == 1225 and len(gates.layers[0].language_tokens) == 29
+    ids = cases[f"{CASE_A}.input_ids"][0]
+    assert gates.language_token_ids == ids[ids != 1000].tolist()
+    back = type(result).from_json(result.to_json())
+    assert back.mixer == gates
+    assert result.plot_gates().width > 300
+
+
+def test_ablation_rows_equal_single_calls_without_the_expert(oracle_pipe, case_a, cases_meta):
+    image, prompt, perception = case_a
+    table = oracle_pipe.ablate(
+        image, prompt, experts=["ocr", "segmentation"], perception=perception, return_gates=True, **GREEDY
+    )
+    assert [r.variant for r in table.rows] == ["all experts", "without segmentation", "without ocr"]
+    official = cases_meta[CASE_A]["verbalization"][0]
+    assert table.full.aux_text == official["aux"]
+    expected_aux = {
+        "segmentation": " ".join(["", official["od"], official["sgg"], official["ocr"]]),
+        "ocr": " ".join([official["seg"], official["od"], official["sgg"], ""]),
+    }
+    for task in ("segmentation", "ocr"):
+        row = table.row(task)
+        single = oracle_pipe(image, prompt, perception=_lacking(perception, task), return_gates=True, **GREEDY)
+        assert row.aux_text == single.aux_text == expected_aux[task]
+        assert row.text == single.text
+        assert row.changed == (row.text != table.full.text)
+        assert row.token_counts == single.token_counts
+        assert row.token_counts["aux"] < table.full.token_counts["aux"]
+        for got, want in zip(row.gates.layers, single.mixer.layers):
+            assert got.image == pytest.approx(want.image, abs=1e-4)
+            assert got.language == pytest.approx(want.language, abs=1e-4)
+    # the perception enters only through the mixers, so the first mixer layer's gates (the fixture's only one)
+    # weigh states computed before any aux token: they are the same in every variant
+    for task in ("segmentation", "ocr"):
+        assert table.row(task).gates.layers[0].image == pytest.approx(table.full.gates.layers[0].image, abs=1e-6)
+        assert table.row(task).gates.layers[0].language == pytest.approx(table.full.gates.layers[0].language, abs=1e-6)
+    text = str(table)
+    assert "without segmentation" in text and "image gate" in text
+    assert AblationTable.from_json(table.to_json()) == table
+
+
+def test_moai_run_ablate_prints_the_table(tmp_path, capsys):
+    from moai_sdk import cli
+    from moai_sdk.testing import demo_image
+
+    image = tmp_path / "moai.png"
+    demo_image("MOAI").save(image)
+    picture = tmp_path / "ablation.png"
+    args = ["run", str(image), "What does it say?", "--model", str(TINY), "--device", "cpu", "--quantization"]
+    args += ["none", "--experts", "rapidocr", "--max-new-tokens", "3", "--local-files-only", "--ablate"]
+    assert cli.main(args + ["--plot", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "all experts" in out and "without ocr" in out
+    assert Image.open(picture).width > 500

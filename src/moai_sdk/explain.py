@@ -5,6 +5,8 @@
   :class:`~moai_sdk.gates.MixerGates` of one batch row: per layer the mean weights over the image tokens and
   over the language tokens, and optionally the per-token weights. ``pipe(image, prompt, return_gates=True)``
   stores it in :attr:`MoAIResult.mixer <moai_sdk.results.MoAIResult.mixer>`.
+* :func:`recording_gates` records them around any call of the model (the pipeline uses it for
+  ``return_gates``), and :func:`batch_gates` gives the typed gates of every row of a batch.
 * :func:`ablate` answers once with every expert and once without each chosen expert, as one batch reusing one
   perception. "Without expert X" means: X's verbalization part is the official empty string ``""`` (the other
   parts stay character for character) and, for segmentation, the panoptic colour map is blank (black, as when
@@ -16,8 +18,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, InputError, MoAIError
 from .gates import LayerGates, MixerGates
-from .modeling.mixer import GateWeights
+from .modeling.mixer import GateRecorder, GateWeights
 from .results import TASKS, MoAIResult, PerceptionResult
 from .verbalization import VerbalizationParts, verbalize_parts
 from .viz_explain import plot_ablation
@@ -97,6 +100,44 @@ def mixer_gates(
         language_token_ids=ids,
         layers=layers,
     )
+
+
+def _check_mode(return_gates: Any) -> None:
+    if return_gates not in (False, True, None, "tokens"):
+        raise InputError(f"return_gates is True, False or 'tokens' (per-token weights too); got {return_gates!r}")
+
+
+@contextmanager
+def recording_gates(model: Any, return_gates: Union[bool, str, None] = True) -> Iterator[list[GateWeights]]:
+    """Record the gate weights of the mixers of ``model`` that run inside the block (in this thread).
+
+    Yields a list that holds, when the block ends, one :class:`~moai_sdk.modeling.mixer.GateWeights` per mixer
+    layer that ran, in layer order (the prefill's: generated tokens never reach the mixer). With
+    ``return_gates`` false nothing is recorded and the list stays empty.
+    """
+    _check_mode(return_gates)
+    recorded: list[GateWeights] = []
+    if not return_gates:
+        yield recorded
+        return
+    recorder = GateRecorder()
+    with recorder.recording():
+        yield recorded
+    recorded.extend(recorder.collect(zip(model.config.mixer_layer_indices, model.mixers)))
+
+
+def batch_gates(
+    gate_weights: Sequence[GateWeights], inputs: Any, return_gates: Union[bool, str, None]
+) -> list[Optional[MixerGates]]:
+    """The typed gates of every row of a batch (``inputs``: its :class:`~moai_sdk.processing.MoAIInputs`), or
+    ``None`` per row when ``return_gates`` is false; ``"tokens"`` keeps the per-token weights and token ids."""
+    _check_mode(return_gates)
+    n = int(inputs.input_ids.shape[0])
+    if not return_gates:
+        return [None] * n
+    tokens = return_gates == "tokens"
+    ids, image_id = inputs.input_ids, inputs.image_token_index
+    return [mixer_gates(gate_weights, i, tokens=tokens, input_ids=ids, image_token_id=image_id) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,5 +335,7 @@ __all__ = [
     "ablate",
     "ablation_perceptions",
     "ablation_tasks",
+    "batch_gates",
     "mixer_gates",
+    "recording_gates",
 ]

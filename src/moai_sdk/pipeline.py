@@ -53,6 +53,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import explain
 from .cache import ExpertCache
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import ConfigError, GenerationError, InputError
@@ -64,7 +65,7 @@ from .modeling import GenerationSettings, MoAIForCausalLM
 from .modeling.compressor import MoAICompressor
 from .modeling.config import check_attn_implementation
 from .modeling.generation import GenerateOutput
-from .modeling.mixer import MoAIMixer
+from .modeling.mixer import GateWeights, MoAIMixer
 from .modeling.quantization import check_quantization
 from .processing import EMPTY_VERBALIZATION, MoAIInputs, MoAIProcessor  # TODO: from .verbalization (H3 moves it)
 from .prompts import DEFAULT_TEMPLATE, check_template
@@ -83,7 +84,7 @@ OFFICIAL_DEMO_GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.
 OFFICIAL_BENCHMARK_GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 3, "max_new_tokens": 128}
 
 #: The keywords of a call besides the generation options (which are the fields of ``GenerationSettings``).
-_CALL_OPTION_NAMES = ("template", "perception", "experts")
+_CALL_OPTION_NAMES = ("template", "perception", "experts", "return_gates")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,9 +149,17 @@ def _token_counts(inputs: MoAIInputs, row: int, generated: int) -> dict[str, int
 
 
 def _results(
-    rows: _Prepared, out: GenerateOutput, texts: list[str], timings: dict[str, float], **shared: Any
+    rows: _Prepared,
+    out: GenerateOutput,
+    texts: list[str],
+    timings: dict[str, float],
+    gate_weights: list[GateWeights],
+    return_gates: Union[bool, str],
+    **shared: Any,
 ) -> list[MoAIResult]:
-    """One :class:`MoAIResult` per row; ``shared`` (model id, revision, seed, generation) is the same for all."""
+    """One :class:`MoAIResult` per row, with the recorded ``gate_weights`` as ``mixer`` when ``return_gates``;
+    ``shared`` (model id, revision, seed, generation) is the same for all."""
+    gates = explain.batch_gates(gate_weights, rows.inputs, return_gates)
     return [
         MoAIResult(
             text=texts[i],
@@ -160,6 +169,7 @@ def _results(
             token_counts=_token_counts(rows.inputs, i, len(new)),
             timings=dict(timings),
             new_token_ids=[int(t) for t in new],
+            mixer=gates[i],
             **shared,
         )
         for i, new in enumerate(out.new_tokens)
@@ -464,6 +474,7 @@ class MoAIPipeline:
         perception: Any = None,
         experts: Any = None,
         on_token: Optional[TokenCallback] = None,
+        return_gates: Union[bool, str] = False,
         **generation: Any,
     ) -> Union[MoAIResult, list[MoAIResult]]:
         """Answer ``prompts`` about ``images``.
@@ -479,7 +490,8 @@ class MoAIPipeline:
         * ``perception``: precomputed :class:`PerceptionResult` (one, or one per image) -- the experts do not run;
         * ``experts``: a subset of the configured experts (names or tasks) for this call; ``[]`` for none;
         * ``on_token(ids)``: called after each generated step with the new token id of every row (a [B] tensor;
-          greedy and sampling only); an exception raised in it stops the generation and propagates.
+          greedy and sampling only); an exception raised in it stops the generation and propagates;
+        * ``return_gates``: ``True`` / ``"tokens"`` (per token too): ``result.mixer`` holds the mixer's gate weights.
         """
         settings = _settings(self.generation_config if generation_config is None else generation_config, generation)
         if on_token is not None and settings.num_beams > 1:
@@ -490,12 +502,13 @@ class MoAIPipeline:
                 _ = self.processor, self.model
         t0 = time.perf_counter()
         rows = self._prepare(images, prompts, template, perception, experts, timer)
-        out = self._generate(rows.inputs, settings, timer, on_token)
+        with explain.recording_gates(self.model, return_gates) as gate_weights:
+            out = self._generate(rows.inputs, settings, timer, on_token)
         timer.timings["total"] = time.perf_counter() - t0
         texts = [self.answer_text(new, settings.stop) for new in out.new_tokens]
         revision = (self._model.load_info.get("revision") if self._model is not None else None) or self.revision
         shared = dict(model_id=self.model_id, revision=revision, seed=settings.seed, generation=settings.to_dict())
-        results = _results(rows, out, texts, timer.timings, **shared)
+        results = _results(rows, out, texts, timer.timings, gate_weights, return_gates, **shared)
         return results if _is_batch(images) or _is_batch(prompts) else results[0]
 
     def _prepare(
@@ -553,6 +566,8 @@ class MoAIPipeline:
         timer.timings["prefill"] = float(out.timings.get("prefill", 0.0))
         timer.timings["decode"] = float(out.timings.get("decode", 0.0))
         return out
+
+    ablate = explain.ablate  # pipe.ablate(image, prompt, experts=None, return_gates=False, **options): one batch
 
     def stream(self, image: Any, prompt: str, **options: Any) -> Iterator[Union[str, MoAIResult]]:
         """Answer one prompt about one image, yielding text pieces as tokens are generated, then the final
