@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 #: The side length MoAI's vision tower and experts see (35 x 35 patches of 14 px).
 MOAI_IMAGE_SIZE = 490
+#: CLIP's image statistics on the [0, 1] scale (the official code multiplies them by 255 to normalise uint8 pixels).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 ImageInput = Union["PIL.Image.Image", str, os.PathLike, bytes, np.ndarray, torch.Tensor]  # noqa: F821
 
@@ -351,15 +354,10 @@ def prepare_frames(
     return frames, sizes
 
 
-def chw_to_pil(chw: torch.Tensor):
-    """uint8 CHW tensor (3 channels) to a PIL RGB image."""
-    from PIL import Image
-
-    return Image.fromarray(chw[:3].permute(1, 2, 0).contiguous().numpy(), mode="RGB")
-
-
 __all__ = [
     "MOAI_IMAGE_SIZE",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "ImageInput",
     "MAX_IMAGE_PIXELS",
     "URL_TIMEOUT_S",
@@ -370,5 +368,4 @@ __all__ = [
     "prepare_image",
     "split_images",
     "prepare_frames",
-    "chw_to_pil",
 ]

@@ -25,34 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from .devices import parse_dtype
 from .errors import ConfigError, InputError
 from .hub import HubOptions
-from .imageops import load_image_chw, prepare_image, split_images
+from .imageops import CLIP_MEAN, CLIP_STD, MOAI_IMAGE_SIZE, load_image_chw, prepare_image, split_images
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template, prompt_parts
 from .tokenization import MoAITokenizer, resolve_model_file
+from .verbalization import EMPTY_VERBALIZATION
 
 logger = logging.getLogger(__name__)
 
-#: CLIP image statistics on the [0, 1] scale (the official code multiplies them by 255).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
 #: MoAI-7B image settings: 490 px, 14 px patches -> 35 x 35 = 1225 image tokens.
-DEFAULT_IMAGE_SIZE = 490
+DEFAULT_IMAGE_SIZE = MOAI_IMAGE_SIZE
 DEFAULT_PATCH_SIZE = 14
-
-#: The official verbalization when no expert found anything: four empty parts joined by single spaces.
-EMPTY_VERBALIZATION = "   "
-
-_NORMALIZE_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 _TENSOR_FIELDS = (
     "input_ids",
@@ -220,14 +205,6 @@ def merged_image_masks(
     return im_mask, lang_mask
 
 
-def _as_dtype(value: torch.dtype | str) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in (torch.float32, torch.float16, torch.bfloat16):
-        return value
-    if isinstance(value, str) and value.lower() in _NORMALIZE_DTYPES:
-        return _NORMALIZE_DTYPES[value.lower()]
-    raise ConfigError(f"normalize_dtype must be float32, float16 or bfloat16; got {value!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the processor
 # ----------------------------------------------------------------------------------------------------------
@@ -272,7 +249,7 @@ class MoAIProcessor:
         self.image_mean = mean
         self.image_std = std
         self.img_length = img_length
-        self.normalize_dtype = _as_dtype(normalize_dtype)
+        self.normalize_dtype = parse_dtype(normalize_dtype, what="normalize_dtype")
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -309,11 +309,6 @@ class MoAITokenizer:
         """Ids of the ``[UNUSED_TOKEN_*]`` pieces (InternLM2 chat markers)."""
         return self._chat_marker_ids
 
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        """Ids dropped by ``decode(..., skip_special_tokens=True)``."""
-        return self._skip_ids
-
     def __repr__(self) -> str:
         return (
             f"MoAITokenizer(model_file={str(self.model_file)!r}, pieces={self.vocab_size}, "

@@ -102,6 +102,10 @@ def join_parts(*parts: str) -> str:
     return " ".join(parts)
 
 
+#: The official verbalization when no expert found anything: four empty parts joined by single spaces.
+EMPTY_VERBALIZATION = join_parts("", "", "", "")
+
+
 def _sentence(prefix: str, items: Sequence[str]) -> str:
     return prefix + ITEM_JOINER.join(items) + PART_END if items else ""
 
@@ -411,6 +415,7 @@ def verbalize(perception: PerceptionResult, *, corrected: bool = False) -> str:
 
 
 __all__ = [
+    "EMPTY_VERBALIZATION",
     "VerbalizationParts",
     "verbalize",
     "verbalize_parts",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..imageops import CLIP_MEAN, CLIP_STD, MOAI_IMAGE_SIZE
 
 #: CLIP ViT-L/14-336 (``openai/clip-vit-large-patch14-336``), the tower MoAI-7B uses, with the image size MoAI
 #: feeds it (490; the position table is interpolated from 24x24 to 35x35 when the weights are loaded).
@@ -25,7 +26,7 @@ CLIP_L14_336_VISION_CONFIG: dict[str, Any] = {
     "num_attention_heads": 16,
     "num_channels": 3,
     "patch_size": 14,
-    "image_size": 490,
+    "image_size": MOAI_IMAGE_SIZE,
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "attention_dropout": 0.0,
@@ -35,9 +36,6 @@ CLIP_L14_336_VISION_CONFIG: dict[str, Any] = {
 
 #: The Hub id of the CLIP tower loaded when a checkpoint carries no vision weights.
 DEFAULT_VISION_TOWER_ID = "openai/clip-vit-large-patch14-336"
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: How the decoder computes attention: ``"sdpa"`` (PyTorch's fused kernel) or ``"eager"`` (explicit softmax).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -58,7 +56,7 @@ class MoAIStructure:
     """The MoAI-specific structure (the ``moai_structure`` block). Defaults are MoAI-7B's."""
 
     vision_config: dict[str, Any] = field(default_factory=lambda: dict(CLIP_L14_336_VISION_CONFIG))
-    image_size: int = 490
+    image_size: int = MOAI_IMAGE_SIZE
     patch_size: int = 14
     vision_select_layer: int = -1
     vision_select_feature: str = "patch"
@@ -85,10 +83,6 @@ class MoAIStructure:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def plora_scaling(self) -> float:
-        return self.plora_alpha / self.plora_rank
 
 
 _STRUCTURE_FIELDS = {f for f in MoAIStructure.__dataclass_fields__}

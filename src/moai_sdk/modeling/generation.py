@@ -197,7 +197,6 @@ class GenerateOutput:
 
     sequences: torch.Tensor
     new_tokens: list[list[int]]
-    prompt_length: int
     step_logits: list[torch.Tensor] | None = None
     sequence_scores: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -358,7 +357,6 @@ def generate(
     return GenerateOutput(
         sequences=sequences,
         new_tokens=new,
-        prompt_length=t,
         step_logits=step_logits,
         sequence_scores=scores,
         timings=timings,

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import parse_dtype
 from .config import MoAIConfig
 
 EXPERT_NAMES = (
@@ -38,8 +39,6 @@ EXPERT_NAMES = (
     "moai_SA_lang",
 )
 GATE_NAMES = ("moai_GA_img", "moai_GA_lang")
-
-_SOFTMAX_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -172,7 +171,7 @@ class MoAIMixer(nn.Module):
             self.add_module(name, LowRankAttentionExpert(config.hidden_size, s.mixer_rank, s.mixer_heads))
         for name in GATE_NAMES:
             self.add_module(name, nn.Linear(config.hidden_size, s.gate_outputs))
-        self.gate_dtype = _SOFTMAX_DTYPES[s.gate_softmax_dtype]
+        self.gate_dtype = parse_dtype(s.gate_softmax_dtype, what="gate_softmax_dtype")
         #: "batched" (default) or "reference" (the official per-sample loop, for benchmarks and checks).
         self.mode = "batched"
 
