@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
+from ..errors import InputError
 from ..results import Box, Detection, PerceptionResult, load_vocab
 from .backends import (
     TransformersExpert,
@@ -103,11 +104,11 @@ def detection_fields(
         labels.detach().to("cpu") if isinstance(labels, torch.Tensor) else labels, dtype=np.int64
     ).reshape(-1)
     if not len(box_arr) == len(score_arr) == len(label_arr):
-        raise ValueError(f"got {len(box_arr)} boxes, {len(score_arr)} scores and {len(label_arr)} labels")
+        raise InputError(f"got {len(box_arr)} boxes, {len(score_arr)} scores and {len(label_arr)} labels")
     detections = []
     for box, score, label in zip(box_arr.tolist(), score_arr.tolist(), label_arr.tolist()):
         if not 0 <= label < len(queries):
-            raise ValueError(f"label index {label} is outside the {len(queries)} queries")
+            raise InputError(f"label index {label} is outside the {len(queries)} queries")
         detections.append(
             Detection(
                 label=queries[label],

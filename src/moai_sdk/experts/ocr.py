@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
-from ..errors import ConfigError, DependencyError
+from ..errors import ConfigError, DependencyError, InputError
 from ..results import PerceptionResult, TextLine
 from .base import Expert, frame_result, register_expert
 from .settings import ChannelOrder, ExpertSettings, OptionalPositiveInt, PositiveInt, UnitFloat
@@ -75,7 +75,7 @@ def rapidocr_lines(raw: Any) -> list[tuple[Any, str, float]]:
     out = []
     for item in raw:
         if len(item) < 3:
-            raise ValueError(f"unexpected RapidOCR line {item!r}; expected [box, text, score]")
+            raise InputError(f"unexpected RapidOCR line {item!r}; expected [box, text, score]")
         out.append((item[0], str(item[1]), float(item[2])))
     return out
 
@@ -170,7 +170,7 @@ def paddleocr_lines(page: Any) -> list[tuple[Any, str, float]]:
         polys = page["rec_polys"] if "rec_polys" in page else page["dt_polys"]
         polys = list(polys)
         if not len(texts) == len(scores) == len(polys):
-            raise ValueError(f"PaddleOCR returned {len(texts)} texts, {len(scores)} scores and {len(polys)} polygons")
+            raise InputError(f"PaddleOCR returned {len(texts)} texts, {len(scores)} scores and {len(polys)} polygons")
         return [(poly, str(text), float(score)) for poly, text, score in zip(polys, texts, scores)]
     out = []
     for item in page:

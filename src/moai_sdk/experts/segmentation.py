@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
-from ..errors import ConfigError, ExpertError
+from ..errors import ConfigError, ExpertError, InputError
 from ..results import PerceptionResult, Segment, load_vocab
 from .backends import (
     TransformersExpert,
@@ -62,7 +62,7 @@ def segments_from_id_map(ids: np.ndarray, segments_info: Iterable[dict], *, keep
         seen.add(seg_id)
         label_id = int(info["label_id"])
         if not 0 <= label_id < len(names):
-            raise ValueError(f"label_id {label_id} is outside the {len(names)} COCO-panoptic classes")
+            raise InputError(f"label_id {label_id} is outside the {len(names)} COCO-panoptic classes")
         score = info.get("score")
         segments.append(
             Segment.from_mask(
@@ -85,7 +85,7 @@ def panoptic_fields(
     h, w = int(frame.shape[-2]), int(frame.shape[-1])
     ids = np.ascontiguousarray(ids, dtype=np.int32)
     if ids.shape != (h, w):
-        raise ValueError(f"the panoptic map is {ids.shape[1]}x{ids.shape[0]} but the frame is {w}x{h}")
+        raise InputError(f"the panoptic map is {ids.shape[1]}x{ids.shape[0]} but the frame is {w}x{h}")
     return {"segments": segments_from_id_map(ids, segments_info, keep_masks=keep_masks), "panoptic_ids": ids}
 
 
@@ -231,7 +231,7 @@ def instances_to_panoptic(
     """
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 3:
-        raise ValueError(f"instance masks must be N x H x W; got shape {masks.shape}")
+        raise InputError(f"instance masks must be N x H x W; got shape {masks.shape}")
     h, w = masks.shape[1:]
     ids = np.zeros((h, w), dtype=np.int32)
     infos: list[dict] = []
