@@ -73,6 +73,8 @@ def test_folder_is_read_recursively_with_relative_ids(tmp_path):
     assert all(it.prompt == "Q?" and Path(it.image).is_file() for it in items)
     with pytest.raises(InputError, match="--prompt"):
         read_inputs(tmp_path)
+    with pytest.raises(InputError, match="--every samples videos"):
+        read_inputs(tmp_path, prompt="Q?", every=2)
 
 
 def test_manifests_carry_columns_and_resolve_every_image_form(tmp_path):

@@ -67,6 +67,17 @@ def comparable(rows):
     return out
 
 
+def close(a, b, rel: float = 1e-4) -> bool:
+    """Equal JSON values, floats within ``rel``."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b))
+    return a == b
+
+
 def ray_run(setup, images, output, **kwargs):
     return run(
         images,
@@ -90,7 +101,15 @@ def test_ray_rows_equal_the_local_runner_rows(ray_cluster, setup, tmp_path):
     rows = read_rows(out)
     assert stats["rows"] == 13 and stats["errors"] == 1
     assert [r["id"] for r in rows] == [r["id"] for r in setup["local"]]
-    assert comparable(rows) == comparable(setup["local"])
+    for got, want in zip(comparable(rows), comparable(setup["local"])):
+        assert list(got) == list(want)
+        for key in want:
+            if key == "perception" and want[key] is not None:
+                # OCR confidences come from onnxruntime, whose sums depend on its thread count (1 in a Ray
+                # worker, 2 here): equal to ~1e-6, everything else exactly
+                assert close(got[key], want[key]), (got["id"], key)
+            else:
+                assert got[key] == want[key], (got["id"], key)
     assert all(r["error"] is None for r in rows if r["id"] != "zz-broken.png")
     assert {"expert.mask2former", "expert.rapidocr", "prefill", "decode"} <= set(rows[0]["timings"])
 

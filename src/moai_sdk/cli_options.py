@@ -13,6 +13,8 @@ import json
 from typing import Any, Optional
 
 from .errors import InputError
+from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
+from .testing import tiny_pipeline
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -154,16 +156,12 @@ def pipeline_kwargs(args: argparse.Namespace, *, with_model: bool = True) -> dic
     return kwargs
 
 
-def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> Any:
+def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> MoAIPipeline:
     """Build the :class:`~moai_sdk.pipeline.MoAIPipeline` the parsed options describe (see :func:`pipeline_kwargs`;
     ``--tiny DIR`` gives :func:`moai_sdk.testing.tiny_pipeline`)."""
-    from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
-
     kwargs = pipeline_kwargs(args, with_model=with_model)
     tiny = getattr(args, "tiny", None)
     if tiny:
-        from .testing import tiny_pipeline
-
         return tiny_pipeline(tiny, **kwargs)
     model = (args.model or DEFAULT_MODEL_ID) if with_model else DEFAULT_MODEL_ID
     return MoAIPipeline.from_pretrained(model, **kwargs)

@@ -104,6 +104,8 @@ def read_inputs(
     """
     p = Path(path)
     kind = input_kind(p)
+    if every is not None and kind != "video":
+        raise InputError(f"--every samples videos; {str(p)!r} is a {kind} input")
     if kind == "folder":
         if not prompt:
             raise InputError("a folder of images needs --prompt TEXT (the question asked about every image)")

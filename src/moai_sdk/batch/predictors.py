@@ -44,7 +44,7 @@ def _spec(pipeline: Union[PipelineSpec, dict[str, Any]]) -> PipelineSpec:
     return pipeline if isinstance(pipeline, PipelineSpec) else PipelineSpec(**pipeline)
 
 
-def _cell(value: Any) -> Any:
+def cell(value: Any) -> Any:
     """A numpy/Arrow cell as a plain Python value (``None`` for nulls and NaN)."""
     if isinstance(value, np.generic):
         value = value.item()
@@ -55,7 +55,7 @@ def _cell(value: Any) -> Any:
 
 def _column(batch: Batch, name: str, n: int) -> list[Any]:
     values = batch.get(name)
-    return [None] * n if values is None else [_cell(v) for v in values]
+    return [None] * n if values is None else [cell(v) for v in values]
 
 
 def _objects(values: Sequence[Any]) -> np.ndarray:
@@ -194,7 +194,11 @@ class MoAIPredictor:
                     merged[i] = part if merged[i] is None else merged[i].merge(part)
                 except Exception as exc:  # a damaged perception is that row's error
                     errors[i] = f"{type(exc).__name__}: {exc}"
-        return merged
+        # each stage repeats the pipeline-wide warnings (e.g. "no scene-graph expert"): keep each once
+        return [
+            p.model_copy(update={"warnings": list(dict.fromkeys(p.warnings))}) if p is not None else None
+            for p in merged
+        ]
 
     def __call__(self, batch: Batch) -> Batch:
         n = _size(batch)
@@ -225,8 +229,8 @@ class MoAIPredictor:
 
 def loads(text: Any) -> Any:
     """Parse a JSON cell written by :class:`MoAIPredictor` (``None`` stays ``None``)."""
-    text = _cell(text)
+    text = cell(text)
     return None if text is None else json.loads(text)
 
 
-__all__ = ["PerceptionPredictor", "MoAIPredictor", "loads"]
+__all__ = ["PerceptionPredictor", "MoAIPredictor", "loads", "cell"]

@@ -30,7 +30,7 @@ from ..errors import ConfigError, DependencyError
 from .core import PipelineSpec, encode_png_data_url
 from .inputs import BatchItem
 from .output import OutputWriter
-from .predictors import MoAIPredictor, PerceptionPredictor, loads
+from .predictors import MoAIPredictor, PerceptionPredictor, cell, loads
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,9 @@ def _rows(batch: dict[str, Any], extras: dict[str, dict[str, Any]], save_percept
 
 
 def loads_text(value: Any) -> Optional[str]:
-    """A text cell as ``str`` or ``None``."""
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    return str(value)
+    """A text cell as ``str`` or ``None`` (Ray hands an all-null column over as NaN floats)."""
+    value = cell(value)
+    return None if value is None else str(value)
 
 
 def run_ray(
