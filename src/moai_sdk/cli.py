@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the whole MoAIResult as JSON")
     run.add_argument("--stream", action="store_true", help="print the answer while it is generated")
     run.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
+    run.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also answer without each expert's output (one batch) and print the table; --json/--plot: the table's",
+    )
 
     perceive = sub.add_parser("perceive", help="run the perception experts on an image")
     perceive.add_argument("image", help="image file")
@@ -206,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_image(args.image)
     pipe = _pipeline_from_args(args, with_model=True)
     options = generation_kwargs(args)
+    if args.ablate:
+        return _run_ablation(pipe, args, options)
     if args.stream:
         piece_stream = sys.stderr if args.json else sys.stdout
         result = None
@@ -223,6 +230,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         _write(result.text + "\n")
     if args.plot:
         result.save(args.plot)
+        logger.info("wrote %s", args.plot)
+    return 0
+
+
+def _run_ablation(pipe: Any, args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``moai run --ablate``: the ablation table as text (or JSON), and its picture with --plot."""
+    if args.stream:
+        raise InputError("--ablate answers all variants as one batch and cannot --stream; drop one of them")
+    table = pipe.ablate(args.image, args.prompt, return_gates=True, **options)
+    _write((table.to_json() if args.json else str(table)) + "\n")
+    if args.plot:
+        table.save(args.plot)
         logger.info("wrote %s", args.plot)
     return 0
 

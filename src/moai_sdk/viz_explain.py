@@ -76,9 +76,15 @@ def _stacked_bar(
         if right - left >= text_w + 6:
             _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
             ty = y + (height - (bottom - top)) / 2 - top
-            draw.text(((left + right - text_w) / 2, ty), label, fill=(255, 255, 255), font=font)
+            draw.text(((left + right - text_w) / 2, ty), label, fill=_text_colour(colour), font=font)
         left = right
     draw.rectangle([x, y, x + width, y + height], outline=_INK)
+
+
+def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """White on dark colours, dark ink on light ones (by the Rec. 601 luma)."""
+    r, g, b = background
+    return (255, 255, 255) if 0.299 * r + 0.587 * g + 0.114 * b < 150 else _INK
 
 
 def _legend(
@@ -122,7 +128,7 @@ def plot_gates(
     _check_shares("image", image, len(layers))
     _check_shares("language", language, len(layers))
     font, small = _font(14), _font(12)
-    label_w = 150
+    label_w = 200
     title_h = 26 if title else 0
     block = 2 * _BAR_HEIGHT + _GAP + 14
     height = _MARGIN * 2 + title_h + len(layers) * block + 2 * 22
@@ -136,10 +142,10 @@ def plot_gates(
     x0 = _MARGIN + label_w
     for layer, img, lang in zip(layers, image, language):
         draw.text((_MARGIN, y + 2), f"layer {layer}", fill=_INK, font=font)
-        draw.text((_MARGIN + 70, y + 4), "image gate", fill=_FAINT, font=small)
+        draw.text((_MARGIN + 80, y + 4), "image gate", fill=_FAINT, font=small)
         _stacked_bar(draw, x0, y, bar_width, _BAR_HEIGHT, img, IMAGE_COLOURS, small)
         y += _BAR_HEIGHT + _GAP
-        draw.text((_MARGIN + 70, y + 4), "language gate", fill=_FAINT, font=small)
+        draw.text((_MARGIN + 80, y + 4), "language gate", fill=_FAINT, font=small)
         _stacked_bar(draw, x0, y, bar_width, _BAR_HEIGHT, lang, LANGUAGE_COLOURS, small)
         y += _BAR_HEIGHT + 14
     _legend(draw, _MARGIN, y, image_labels, IMAGE_COLOURS, small)
@@ -177,7 +183,7 @@ def plot_ablation(
     row_h = 2 * _BAR_HEIGHT + 8 if with_gates else 30
     title_h = 26 if title else 0
     width = bar_x + bar_w + _MARGIN
-    height = _MARGIN * 2 + title_h + 24 + n * row_h + (26 if with_gates else 0)
+    height = _MARGIN * 2 + title_h + 24 + n * row_h + 26
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     y = _MARGIN
@@ -199,9 +205,11 @@ def plot_ablation(
             _stacked_bar(draw, bar_x, y + 2, bar_w, _BAR_HEIGHT - 4, image[i], IMAGE_COLOURS, small)
             _stacked_bar(draw, bar_x, y + _BAR_HEIGHT + 2, bar_w, _BAR_HEIGHT - 4, language[i], LANGUAGE_COLOURS, small)
         y += row_h
+    x = _MARGIN
     if with_gates:
-        x = _legend(draw, _MARGIN, y + 6, ("img->aux", "img->lang", "img self"), IMAGE_COLOURS, small)
-        _legend(draw, x + 10, y + 6, ("lang->aux", "lang->img", "lang self"), LANGUAGE_COLOURS, small)
+        x = _legend(draw, x, y + 6, ("img->aux", "img->lang", "img self"), IMAGE_COLOURS, small)
+        x = _legend(draw, x + 10, y + 6, ("lang->aux", "lang->img", "lang self"), LANGUAGE_COLOURS, small) + 10
+    draw.text((x, y + 6), "* answer differs from the first row's", fill=(192, 57, 43), font=small)
     return canvas
 
 
