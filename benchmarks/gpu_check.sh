@@ -5,17 +5,19 @@
 #
 #   OUT_DIR        where everything is written (created): env.txt, imports.txt, cuda-tests.log / .xml,
 #                  bench-7b.log, 7b-cuda.json, summary.txt
-#   --wheels DIR   first install the project's dependencies from local wheel files (pip --no-index)
+#   --wheels DIR   first install the project's dependencies from local wheel files (pip --no-index); put the
+#                  torchao wheel there too (pip download --no-deps torchao==0.18.0) for the int4 mode
 #   --python PY    interpreter to use (default: python3)
-#   --quick        smaller benchmark (batch sizes 1 and 4, 2 repeats, nf4 and nf4-lora, experts in both)
+#   --quick        smaller benchmark (batch sizes 1 and 4, 2 repeats, nf4, int4 and nf4-lora, experts in each)
 #   --no-tests     skip the CUDA tests (benchmark only)
 #   --budget S     total seconds for the whole script (default 460); the benchmark gets what is left
 #
 # Steps: report the environment; check the imports (and say what is missing and how to install it);
 # optionally install wheels; make the package importable (editable install without dependencies, else
 # PYTHONPATH=src); run the tests marked `cuda`; run the MoAI-7B-shape benchmark (random weights, experts
-# with their real architectures) in nf4, nf4-lora, float16 and "official" quantization, the default mode
-# decoding through CUDA graphs (generate(cuda_graphs=True)). Each step has its own time
+# with their real architectures) in nf4, int4 (torchao, when installed), nf4-lora, float16 and "official"
+# quantization, the default mode decoding through CUDA graphs (generate(cuda_graphs=True)); int4's decode speed
+# is reported against nf4's from the same run. Each step has its own time
 # limit, a failing step does not stop the others, and the exit status is non-zero if any step failed.
 set -u
 
@@ -68,6 +70,9 @@ if [ -n "$WHEELS" ]; then
   # optional extras: OCR expert and OpenCV (PSGTR's reference resize)
   timeout 120 $PY -m pip install --no-index --find-links "$WHEELS" rapidocr-onnxruntime opencv-python-headless \
     >> "$OUT/install.log" 2>&1 || log "note: OCR / OpenCV wheels not installed (optional)"
+  # int4 quantization: torchao (no dependencies; it never replaces the installed torch)
+  timeout 120 $PY -m pip install --no-index --find-links "$WHEELS" "torchao>=0.18" \
+    >> "$OUT/install.log" 2>&1 || log "note: torchao wheel not installed (optional; the int4 mode is skipped)"
 fi
 
 # ---------------------------------------------------------------------------------------------- package
@@ -99,6 +104,7 @@ required = {
 optional = {
     "bitsandbytes": "nf4 / int8 / official quantization: pip install 'moai-sdk[quant]'",
     "accelerate": "quantization helpers: pip install accelerate",
+    "torchao": "int4 quantization (tinygemm kernel): pip install 'moai-sdk[int4]'",
     "scipy": "OWLv2's reference (PIL) image processor; without it the benchmark uses the torchvision one",
     "torchvision": "torchvision image processors and the official resize",
     "rapidocr_onnxruntime": "OCR expert: pip install 'moai-sdk[ocr]'",
@@ -126,6 +132,7 @@ if [ $IMPORTS_OK -ne 0 ]; then
   exit 1
 fi
 HAVE_BNB=1; grep -q "^MISSING  bitsandbytes" "$OUT/imports.txt" && HAVE_BNB=0
+HAVE_TORCHAO=1; grep -q "^MISSING  torchao" "$OUT/imports.txt" && HAVE_TORCHAO=0
 
 # ---------------------------------------------------------------------------------------------- CUDA tests
 CUDA_TESTS=$(grep -l "pytest.mark.cuda" tests/test_*.py | tr '\n' ' ')
@@ -144,10 +151,12 @@ else log "CUDA tests passed"; fi
 fi
 
 # ---------------------------------------------------------------------------------------------- benchmark
-QUANT="nf4 nf4-lora float16 official"; BATCH="1 4 8"; REPEATS=3; EXPERTS_EVERY=""
-[ $HAVE_BNB -eq 1 ] || { QUANT="float16"; log "bitsandbytes missing: benchmarking float16 only"; }
-# quick: both 4-bit modes with the experts resident (the memory target is about the whole pipeline)
-[ $QUICK -eq 1 ] && { BATCH="1 4"; REPEATS=2; [ $HAVE_BNB -eq 1 ] && { QUANT="nf4 nf4-lora"; EXPERTS_EVERY="--no-experts-once"; }; }
+# int4 right after nf4: the two 4-bit kernels are compared in the same run, before the budget can run out
+INT4=""; [ $HAVE_TORCHAO -eq 1 ] && INT4="int4" || log "torchao missing: int4 not benchmarked"
+QUANT="nf4 $INT4 nf4-lora float16 official"; BATCH="1 4 8"; REPEATS=3; EXPERTS_EVERY=""
+[ $HAVE_BNB -eq 1 ] || { QUANT="$INT4 float16"; log "bitsandbytes missing: benchmarking ${INT4:+int4 and }float16 only"; }
+# quick: the 4-bit modes with the experts resident (the memory target is about the whole pipeline)
+[ $QUICK -eq 1 ] && { BATCH="1 4"; REPEATS=2; [ $HAVE_BNB -eq 1 ] && { QUANT="nf4 $INT4 nf4-lora"; EXPERTS_EVERY="--no-experts-once"; }; }
 ELAPSED=$(( $(date +%s) - START ))
 BUDGET=$(( TOTAL - 60 - ELAPSED )); [ $BUDGET -lt 60 ] && BUDGET=60
 log "running the MoAI-7B-shape benchmark (quantization: $QUANT; batch sizes: $BATCH; budget ${BUDGET}s)"

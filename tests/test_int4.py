@@ -309,3 +309,27 @@ def test_7b_shape_builder_packs_int4_on_cuda():
         output_logits=True,
     )
     assert len(out.new_tokens[0]) == 4 and all(torch.isfinite(s).all() for s in out.step_logits)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_judges_int4_against_nf4_from_the_same_run():
+    from benchmarks import run as bench
+
+    def setup(name: str, tok_s: float) -> dict:
+        stages = {"decode_tok_s": {"median": tok_s}}
+        entry = {"batch_size": 1, "modes": {"default": {"stages": stages}}}
+        return {"name": name, "batches": [entry], "info": {"gpu": "NVIDIA H200", "layers": bench.FULL_DEPTH}}
+
+    assert "int4" in bench.parse_args(["--config", "7b-cuda", "--quantization", "nf4", "int4"]).quantization
+    verdicts = {
+        c["target"]: (c["ok"], c["value"])
+        for c in bench.evaluate_targets([setup("7b-nf4", 40.0), setup("7b-int4", 120.0)])
+    }
+    assert verdicts["7b int4 batch 1: decode >= 100 tokens/s"] == (True, 120.0)
+    assert verdicts["7b nf4 batch 1: decode >= 30 tokens/s"] == (True, 40.0)
+    assert verdicts["7b batch 1: int4 decodes faster than nf4 (ratio, same run)"] == (True, 3.0)
+    slow = {c["target"]: c["ok"] for c in bench.evaluate_targets([setup("7b-nf4", 40.0), setup("7b-int4", 35.0)])}
+    assert slow["7b int4 batch 1: decode >= 100 tokens/s"] is False
+    assert slow["7b batch 1: int4 decodes faster than nf4 (ratio, same run)"] is False
+    alone = [c["target"] for c in bench.evaluate_targets([setup("7b-int4", 120.0)])]
+    assert alone == ["7b int4 batch 1: decode >= 100 tokens/s"]  # no nf4 in the run: no comparison
