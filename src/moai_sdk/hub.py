@@ -113,6 +113,18 @@ class HubOptions:
         }
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (a model folder's ``config.json`` ...), or a :class:`ConfigError`
+    naming the file when it cannot be read, is not JSON or holds something other than an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{os.fspath(path)!r} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def is_repo_id(value: str) -> bool:
     return bool(_REPO_ID.match(value)) and value.count("/") <= 1
 
@@ -363,4 +375,5 @@ __all__ = [
     "offline",
     "env_offline",
     "is_repo_id",
+    "read_json_object",
 ]

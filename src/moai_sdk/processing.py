@@ -14,7 +14,6 @@ running the perception experts (their verbalization and panoptic colour map come
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ import torch
 
 from .devices import parse_dtype
 from .errors import ConfigError, InputError
-from .hub import HubOptions
+from .hub import HubOptions, read_json_object
 from .imageops import CLIP_MEAN, CLIP_STD, MOAI_IMAGE_SIZE, load_image_chw, prepare_image, split_images
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template, prompt_parts
 from .tokenization import MoAITokenizer, resolve_model_file
@@ -278,12 +277,7 @@ class MoAIProcessor:
 
     @staticmethod
     def _read_image_settings(path: Path, tokenizer: MoAITokenizer) -> dict[str, Any]:
-        try:
-            config = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {str(path)!r}: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ConfigError(f"{str(path)!r} must hold a JSON object")
+        config = read_json_object(path)
         wanted = config.get("image_token_index")
         if wanted is not None and int(wanted) != tokenizer.image_token_id:
             raise ConfigError(

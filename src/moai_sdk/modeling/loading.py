@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, MissingKeysError, UnsafeCheckpointError
-from ..hub import HubOptions, find_weights, is_repo_id, resolve_file
+from ..hub import HubOptions, find_weights, is_repo_id, read_json_object, resolve_file
 from .config import DEFAULT_VISION_TOWER_ID, MoAIConfig, check_attn_implementation
 from .quantization import check_quantization, quantize_linear_weight, replace_linears_for_quantization
 from .vision import interpolate_position_table
@@ -68,17 +68,6 @@ class CheckpointFiles:
     weight_files: list[Path]
     format: str  # "safetensors" | "bin"
     revision: str | None = None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def resolve_checkpoint(
@@ -116,7 +105,7 @@ def resolve_checkpoint(
             + ")"
         )
     revision = None if local.is_dir() else hub.revision
-    return CheckpointFiles(source, config_path.parent, _read_json(config_path), *found, revision=revision)
+    return CheckpointFiles(source, config_path.parent, read_json_object(config_path), *found, revision=revision)
 
 
 # ---------------------------------------------------------------------------------------------- reading tensors
