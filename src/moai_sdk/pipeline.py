@@ -67,12 +67,12 @@ from .modeling.config import check_attn_implementation
 from .modeling.generation import GenerateOutput
 from .modeling.mixer import GateWeights, MoAIMixer
 from .modeling.quantization import check_quantization
-from .processing import EMPTY_VERBALIZATION, MoAIInputs, MoAIProcessor  # TODO: from .verbalization (H3 moves it)
+from .processing import MoAIInputs, MoAIProcessor
 from .prompts import DEFAULT_TEMPLATE, check_template
 from .results import MoAIResult, PerceptionResult
 from .streaming import ANSWER_CUT, AnswerStream, TokenCallback, cut_answer, stream_in_thread
 from .tokenization import MoAITokenizer
-from .verbalization import verbalize
+from .verbalization import EMPTY_VERBALIZATION, verbalize
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +195,12 @@ def _quantization_on(device: torch.device, quantization: Optional[str]) -> Optio
     return None
 
 
-def _settings(base: Any, options: dict[str, Any]) -> GenerationSettings:
+def _settings(base: Any, options: dict[str, Any], on_token: Optional[TokenCallback] = None) -> GenerationSettings:
     """``base`` (settings, dict or transformers config) with a call's generation ``options``; when sampling
     without a seed one is drawn here, so that the result records it and the answer can be reproduced."""
     settings = GenerationSettings.from_any(base, **options)
+    if on_token is not None and settings.num_beams > 1:
+        raise GenerationError("on_token needs greedy or sampling decoding; beam search (num_beams > 1) has none")
     if settings.do_sample and settings.seed is None:
         settings.seed = random.SystemRandom().randrange(2**31)
     return settings
@@ -493,9 +495,8 @@ class MoAIPipeline:
           greedy and sampling only); an exception raised in it stops the generation and propagates;
         * ``return_gates``: ``True`` / ``"tokens"`` (per token too): ``result.mixer`` holds the mixer's gate weights.
         """
-        settings = _settings(self.generation_config if generation_config is None else generation_config, generation)
-        if on_token is not None and settings.num_beams > 1:
-            raise GenerationError("on_token needs greedy or sampling decoding; beam search (num_beams > 1) has none")
+        base = self.generation_config if generation_config is None else generation_config
+        settings = _settings(base, generation, on_token)
         timer = _Timer(self.device)
         if self._model is None or self._processor is None:
             with timer.stage("load"):  # one-off, kept out of "total"
