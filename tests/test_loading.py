@@ -90,6 +90,29 @@ def test_hub_style_cache_offline(tmp_path, monkeypatch, reference_logits, cases,
         MoAIForCausalLM.from_pretrained("BK-Lee/not-cached", cache_dir=cache, device="cpu")
 
 
+def test_hub_options_value_and_legacy_keywords(tmp_path, monkeypatch, reference_logits, cases, cases_meta):
+    """``hub=HubOptions(...)`` carries the cache folder; a legacy keyword given next to it wins."""
+    from moai_sdk.hub import HubOptions
+    from moai_sdk.modeling import load_moai
+
+    cache = _hub_cache(
+        tmp_path / "hub", "BK-Lee/MoAI-tiny", {n: TINY / n for n in ("config.json", "model.safetensors")}
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_moai("BK-Lee/MoAI-tiny", hub=HubOptions(cache_dir=str(cache), revision="main"), device="cpu")
+    assert isinstance(model, MoAIForCausalLM)
+    assert model.load_info["revision"] == "main" and model.load_info["source"] == "BK-Lee/MoAI-tiny"
+    assert torch.equal(_logits(model, cases, cases_meta), reference_logits)
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        MoAIForCausalLM.from_pretrained("BK-Lee/MoAI-tiny", hub=HubOptions(cache_dir=str(empty)), device="cpu")
+    again = MoAIForCausalLM.from_pretrained(
+        "BK-Lee/MoAI-tiny", hub=HubOptions(cache_dir=str(empty)), cache_dir=cache, device="cpu"
+    )
+    assert again.load_info["files"][0].startswith(str(cache))
+
+
 def test_checkpoint_without_image_row_gets_one(tmp_path, reference_logits, cases, cases_meta):
     from safetensors.torch import load_file, save_file
 
