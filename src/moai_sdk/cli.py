@@ -36,10 +36,11 @@ from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
 from .errors import ConfigError, InputError, MoAIError
 from .experts.base import available_experts, get_expert_class
-from .experts.selection import DEFAULT_EXPERTS
+from .experts.selection import DEFAULT_EXPERTS, resolve_experts
 from .experts.weights import TRANSFORMERS_BIN_PATTERNS, TRANSFORMERS_FILE_PATTERNS
-from .hub import HubOptions, cache_path, download_first, env_offline, scan_cache, snapshot
+from .hub import WEIGHT_FORMATS, HubOptions, cache_path, download_first, env_offline, scan_cache, snapshot
 from .modeling.config import DEFAULT_VISION_TOWER_ID
+from .modeling.loading import VISION_PREFIX, WeightReader, resolve_checkpoint
 from .pipeline import DEFAULT_MODEL_ID
 from .serve import cli as serve_cli
 from .testing import demo_image, tiny_pipeline
@@ -275,8 +276,6 @@ def cmd_perceive(args: argparse.Namespace) -> int:
 
 def _checkpoint_has_vision(folder: Path) -> bool:
     """Whether the downloaded MoAI checkpoint in ``folder`` carries the CLIP tower weights."""
-    from .modeling.loading import VISION_PREFIX, WeightReader, resolve_checkpoint
-
     reader = WeightReader(resolve_checkpoint(folder))
     try:
         return any(k.startswith(VISION_PREFIX) for k in reader.keys())
@@ -294,8 +293,6 @@ def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -
 
 
 def _model_plan(model: str, revision: Optional[str]) -> list[dict[str, Any]]:
-    from .modeling.config import DEFAULT_VISION_TOWER_ID
-
     return [
         {
             "component": "model",
@@ -310,21 +307,17 @@ def _model_plan(model: str, revision: Optional[str]) -> list[dict[str, Any]]:
             "repo_id": DEFAULT_VISION_TOWER_ID,
             "revision": None,
             "method": "file",
-            "filenames": ["model.safetensors", "pytorch_model.bin"],
+            "filenames": [single for _, _, single in WEIGHT_FORMATS],  # safetensors, else .bin
             "when": "the checkpoint has no vision weights",
         },
     ]
 
 
 def _experts(spec: Any, hub: Optional[HubOptions] = None) -> dict[str, Any]:
-    from .pipeline import resolve_experts
-
     return resolve_experts(spec, device="cpu", hub=hub or HubOptions())
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .pipeline import DEFAULT_MODEL_ID
-
     model = args.model or DEFAULT_MODEL_ID
     if Path(model).expanduser().exists():
         raise InputError(f"{model!r} is a local folder; moai download fetches Hub repositories")
