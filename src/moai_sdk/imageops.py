@@ -10,11 +10,16 @@ import io
 import logging
 import os
 import struct
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.functional import InterpolationMode, resize
 
 from .errors import InputError
 
@@ -104,10 +109,6 @@ def _pil_open(fp: Any):
     ultralytics swaps ``PIL.Image.open`` for a wrapper that, on an unreadable file, tries to pip-install a HEIF
     plugin and then fails with ``ModuleNotFoundError``; we want Pillow's own behaviour (and our clear error).
     """
-    import sys
-
-    from PIL import Image
-
     opener = Image.open
     if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
         original = getattr(sys.modules.get(opener.__module__), "_image_open", None)
@@ -134,8 +135,6 @@ def _pil_image_to_array(im: Any, max_pixels: int | None, what: str) -> np.ndarra
     Animated images (GIF, APNG, WebP, multi-page TIFF) give their current frame -- the first one for a file
     just opened.
     """
-    from PIL import ImageOps
-
     _check_pixels(im.width, im.height, max_pixels, what)
     if getattr(im, "n_frames", 1) > 1:
         logger.debug("%s is animated (%d frames); using frame %d", what, im.n_frames, im.tell())
@@ -146,8 +145,6 @@ def _pil_image_to_array(im: Any, max_pixels: int | None, what: str) -> np.ndarra
 
 def _decode(fp: Any, max_pixels: int | None, what: str) -> np.ndarray:
     """Open and decode an encoded image (file object or path), every Pillow failure as :class:`InputError`."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with _pil_open(fp) as im:
             return _pil_image_to_array(im, max_pixels, what)
@@ -166,9 +163,6 @@ def _decode(fp: Any, max_pixels: int | None, what: str) -> np.ndarray:
 
 def _fetch_url(url: str, timeout: float | None, max_bytes: int | None) -> bytes:
     """Read ``url`` (http or https) with a timeout and a byte cap."""
-    import urllib.error
-    import urllib.request
-
     timeout = URL_TIMEOUT_S if timeout is None else timeout
     cap = MAX_URL_BYTES if max_bytes is None else max_bytes
     request = urllib.request.Request(url, headers={"User-Agent": "moai-sdk"})
@@ -235,8 +229,6 @@ def load_image_chw(
     directly: its current frame). Images with more than ``max_pixels`` pixels (default
     :data:`MAX_IMAGE_PIXELS`), empty or unreadable ones raise :class:`~moai_sdk.InputError` naming the source.
     """
-    from PIL import Image
-
     if isinstance(image, (str, os.PathLike)):
         arr = _load_str(image, allow_remote, max_pixels, timeout, max_bytes)
     elif isinstance(image, (bytes, bytearray, memoryview)):
@@ -299,8 +291,6 @@ def official_resize(chw: torch.Tensor, size: int = MOAI_IMAGE_SIZE) -> torch.Ten
     torchvision ``Resize((size, size))`` with bilinear interpolation and ``antialias=False`` on the uint8
     tensor, then the first three channels (the official demo drops alpha without compositing).
     """
-    from torchvision.transforms.functional import InterpolationMode, resize
-
     if chw.dtype != torch.uint8 or chw.ndim != 3:
         raise InputError(f"official_resize expects a uint8 CHW tensor; got {chw.dtype} {tuple(chw.shape)}")
     out = resize(chw, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
@@ -266,8 +267,6 @@ def generate(
 
     Returns the prompt ids followed by the new ids, or a :class:`GenerateOutput` with ``return_dict=True``.
     """
-    import time
-
     forward_keys = (
         "aux_attention_mask",
         "aux_input_ids",
