@@ -73,7 +73,7 @@ class ServeConfig:
 
     served_model_name: Optional[str] = None  #: the ``model`` clients send; default: the pipeline's model id
     max_batch_size: int = 8  #: rows per pipeline call (1 = no batching)
-    batch_timeout_ms: float = 20.0  #: how long the oldest waiting request waits for batch companions
+    batch_timeout_ms: float = 50.0  #: how long a batch waits for companions (after its oldest request or the last call)
     max_queue: int = 64  #: waiting requests before 429
     request_timeout: float = 600.0  #: seconds from arrival to the end of the answer before 504
     api_key: Optional[str] = field(default=None, repr=False)  #: Bearer key for /v1 (None = open)

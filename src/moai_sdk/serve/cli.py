@@ -59,8 +59,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-timeout-ms",
         type=float,
-        default=20.0,
-        help="how long the oldest waiting request waits for batch companions (default: 20)",
+        default=50.0,
+        help="how long a batch waits for companions, after its oldest request or the previous call (default: 50)",
     )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default: 64)")
     p.add_argument(

@@ -1,9 +1,12 @@
 """The dynamic batcher: one thread owns the pipeline and runs the requests that arrive together as one batch.
 
 Requests (:class:`Job`) wait in one FIFO queue. The model thread takes the oldest job, then waits until
-``batch_timeout`` seconds after *that job's arrival* for more jobs with the same batch key (or until it has
-``max_batch_size``), removes them from the queue and runs them as one left-padded pipeline call -- each row of
-which equals its single run. Jobs with other keys keep their places for the next call.
+``batch_timeout`` seconds after that job's arrival -- or after the end of the previous call, whichever is later --
+for more jobs with the same batch key (or until it has ``max_batch_size``), removes them from the queue and runs
+them as one left-padded pipeline call, each row of which equals its single run. Jobs with other keys keep their
+places for the next call. Counting the window from the end of the previous call lets the clients just answered
+come back and join: without it, a steady set of clients splits into groups that take turns (one group waits in
+the queue while the other runs), and every call runs half full.
 
 Batch keys (what may share one call, since the pipeline takes one :class:`GenerationSettings` per call):
 
@@ -204,6 +207,7 @@ class BatchScheduler:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._batch_seconds = 1.0  # running mean of one call, for Retry-After
+        self._free_since = 0.0  # when the previous call ended (perf_counter)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -301,7 +305,7 @@ class BatchScheduler:
                 if self._stopping:
                     return None
                 first = self._pending[0]
-                deadline = first.arrived + self.batch_timeout
+                deadline = max(first.arrived, self._free_since) + self.batch_timeout
                 group = self._compatible(first.key)
                 while len(group) < self.max_batch_size and not self._stopping:
                     remaining = deadline - time.perf_counter()
@@ -336,8 +340,8 @@ class BatchScheduler:
                 self._run_chat(batch)
         finally:
             self.metrics.running.set(0)
-            seconds = time.perf_counter() - now
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            self._free_since = time.perf_counter()
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (self._free_since - now)
 
     def _run_perceive(self, batch: list[Job]) -> None:
         live = [j for j in batch if not j.cancelled.is_set()]
