@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "moai-tiny"
@@ -16,6 +17,22 @@ TINY = FIXTURES / "moai-tiny"
 # Keep the numerics of the oracle (2 threads, fp32 on CPU) and keep tests off the network.
 torch.set_num_threads(2)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Property-based tests (tests/test_hardening_*.py): a fixed, bounded profile -- the same examples on every run
+# (derandomize, no example database), few enough that the suite stays fast, no per-example deadline (CPU timing
+# varies). HYPOTHESIS_PROFILE=deep runs many more examples locally.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=30,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("deep", parent=settings.get_profile("ci"), max_examples=300)
+settings.register_profile("quick", parent=settings.get_profile("ci"), max_examples=5)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
