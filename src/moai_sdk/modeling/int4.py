@@ -183,12 +183,16 @@ class SimulatedInt4Linear(nn.Module):
     """A CPU stand-in for an int4 linear: :func:`int4_reference_linear` with a precomputed dequantized weight.
 
     For measuring the numerical effect of ``"int4"`` without a GPU (see :func:`simulate_int4`); not a fast path.
+    ``weight`` is the weight to quantize (default: ``linear``'s own), e.g. the checkpoint's float32 tensor when
+    ``linear`` was loaded in float16: the loader packs from the checkpoint's tensor, and rounding it to float16
+    first can move 4-bit codes.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", dequantized_int4_weight(linear.weight))
+        source = linear.weight if weight is None else weight.to(linear.weight.device)
+        self.register_buffer("weight", dequantized_int4_weight(source))
         self.bias = linear.bias
         self.moai_quant_mode = "int4-simulated"
 
@@ -196,12 +200,14 @@ class SimulatedInt4Linear(nn.Module):
         return int4_reference_linear(x, self.weight, self.bias)
 
 
-def simulate_int4(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace the linears ``names`` of an unquantized ``model`` by :class:`SimulatedInt4Linear` (in place)."""
+def simulate_int4(model: nn.Module, names: list[str], weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace the linears ``names`` of an unquantized ``model`` by :class:`SimulatedInt4Linear` (in place);
+    ``weights`` (optional) maps ``"<name>.weight"`` to the tensor to quantize, e.g. a checkpoint's state dict."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SimulatedInt4Linear(getattr(parent, child)))
+        source = None if weights is None else weights[f"{name}.weight"]
+        setattr(parent, child, SimulatedInt4Linear(getattr(parent, child), source))
     return model
 
 
