@@ -365,6 +365,46 @@ def test_a_client_that_disconnects_is_dropped(served):
     assert quick.choices[0].finish_reason in ("stop", "length") and served.healthy()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_snippet_works_as_written(served, pipe, tmp_path, monkeypatch, capsys):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Serving: `moai serve`") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    assert "http://127.0.0.1:8000/v1" in code  # the default `moai serve` address; here the test server's
+    demo_image("MOAI").save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:8000/v1", served.base + "/v1"), "README.md", "exec"), {})
+    expected = pipe((tmp_path / "photo.jpg").read_bytes(), "What is written here?", max_new_tokens=64, do_sample=False)
+    printed = capsys.readouterr().out
+    assert printed.startswith(expected.text + " CompletionUsage(")
+
+
+def test_openai_client_example(served, pipe, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moai_example_openai_client", REPO / "examples" / "openai_client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text, streamed = module.main(["--base-url", served.base + "/v1", "--max-tokens", "5"])
+    expected = pipe(_png("MOAI", (640, 480)), "What is written in the image?", max_new_tokens=5, do_sample=False)
+    assert streamed == text == expected.text  # the example's default picture: demo_image("MOAI")
+    out = capsys.readouterr().out
+    assert f"answer:  {text}" in out and "text descriptions: MOAI" in out
+
+
+def test_benchmark_load_generator(served):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.serve import run_load, table
+
+    row = run_load(served.base, 2, 4, 2, [_data_url(IMAGE)], served.metrics)
+    assert row["completed"] == 4 and not row["errors"] and row["requests_per_s"] > 0
+    assert 0 < row["p50_s"] <= row["p95_s"] and 1 <= row["mean_batch_size"] <= 2
+    assert "| 2 | on |" in table([{**row, "mode": "off"}, {**row, "mode": "on"}])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # API key, overload, remote images
 # --------------------------------------------------------------------------------------------------------------
