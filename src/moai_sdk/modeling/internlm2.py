@@ -393,24 +393,22 @@ class InternLM2Model(nn.Module):
         needs_bias = not causal or any(layer.attention.attn_implementation == "eager" for layer in self.layers)
         attn_bias = build_attention_bias(attention_mask, q_len, past, dtype) if needs_bias else None
         rope = self.layers[0].attention.rotary(positions, kv_length, dtype) if self.layers else None
-        h = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            h = layer(
-                h,
-                im_mask=im_mask,
-                positions=positions,
-                attn_bias=attn_bias,
-                lang_mask=lang_mask,
-                aux=aux,
-                cache=cache.layers[i] if cache is not None else None,
-                cache_start=past,
-                kv_length=kv_length,
-                rope=rope,
-                causal=causal,
-            )
+        h = self._run_layers(
+            inputs_embeds,
+            cache,
+            im_mask=im_mask,
+            positions=positions,
+            attn_bias=attn_bias,
+            lang_mask=lang_mask,
+            aux=aux,
+            cache_start=past,
+            kv_length=kv_length,
+            rope=rope,
+            causal=causal,
+        )
         if cache is not None:
             cache.length = kv_length
-        return self.norm(h)
+        return h
 
     def _fixed_shape_step(
         self,
@@ -433,21 +431,24 @@ class InternLM2Model(nn.Module):
         dtype = inputs_embeds.dtype
         attn_bias = build_attention_bias(attention_mask, 1, capacity - 1, dtype)
         rope = rotary(positions, capacity, dtype) if rotary is not None else None
-        h = inputs_embeds
+        return self._run_layers(
+            inputs_embeds,
+            cache,
+            im_mask=None,
+            positions=positions,
+            attn_bias=attn_bias,
+            lang_mask=None,
+            aux=None,
+            cache_start=0,
+            kv_length=capacity,
+            rope=rope,
+            cache_index=cache_index,
+        )
+
+    def _run_layers(self, h: torch.Tensor, cache: KVCache | None, **layer_kwargs) -> torch.Tensor:
+        """Every decoder layer in order (layer i reads and writes ``cache.layers[i]``), then the final norm."""
         for i, layer in enumerate(self.layers):
-            h = layer(
-                h,
-                im_mask=None,
-                positions=positions,
-                attn_bias=attn_bias,
-                lang_mask=None,
-                aux=None,
-                cache=cache.layers[i],
-                cache_start=0,
-                kv_length=capacity,
-                rope=rope,
-                cache_index=cache_index,
-            )
+            h = layer(h, cache=cache.layers[i] if cache is not None else None, **layer_kwargs)
         return self.norm(h)
 
 
