@@ -400,3 +400,21 @@ def test_moai_run_ablate_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "all experts" in out and "without ocr" in out
     assert Image.open(picture).width > 500
+
+
+def test_streaming_keeps_the_gates(oracle_pipe, case_a):
+    image, prompt, perception = case_a
+    *pieces, result = oracle_pipe.stream(image, prompt, perception=perception, return_gates=True, **GREEDY)
+    assert "".join(pieces) == result.text
+    assert [lg.layer for lg in result.mixer.layers] == [7]
+
+
+def test_return_gates_values_are_checked(tiny_model):
+    from moai_sdk.explain import recording_gates
+
+    with pytest.raises(InputError, match="return_gates"):
+        with recording_gates(tiny_model, "all"):
+            pass
+    with recording_gates(tiny_model, False) as nothing:
+        pass
+    assert nothing == []
