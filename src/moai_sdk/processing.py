@@ -234,7 +234,6 @@ class MoAIProcessor:
             raise ConfigError(f"image_size must be a positive int; got {image_size!r}")
         if not isinstance(patch_size, int) or patch_size <= 0 or image_size % patch_size:
             raise ConfigError(f"image_size {image_size} must be a multiple of patch_size {patch_size!r}")
-        **hub_keywords: Any,
         if img_length is None:
             img_length = (image_size // patch_size) ** 2
         if not isinstance(img_length, int) or img_length <= 0:
@@ -258,6 +257,7 @@ class MoAIProcessor:
         *,
         hub: HubOptions | None = None,
         normalize_dtype: torch.dtype | str = torch.float32,
+        **hub_keywords: Any,
     ) -> MoAIProcessor:
         """Tokenizer + image settings of a model folder or Hub repo (``hub`` and the legacy Hub keywords as in
         :meth:`MoAITokenizer.from_pretrained <moai_sdk.tokenization.MoAITokenizer.from_pretrained>`).
