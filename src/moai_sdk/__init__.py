@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import errors
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -65,19 +66,7 @@ _LAZY: dict[str, str] = {
     "MoAIPipeline": "moai_sdk.pipeline",
 }
 
-__all__ = [
-    "__version__",
-    "MoAIError",
-    "ConfigError",
-    "CheckpointError",
-    "MissingKeysError",
-    "UnsafeCheckpointError",
-    "DependencyError",
-    "InputError",
-    "ExpertError",
-    "GenerationError",
-    *_LAZY,
-]
+__all__ = ["__version__", *errors.__all__, *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
