@@ -123,7 +123,7 @@ def recording_gates(model: Any, return_gates: Union[bool, str, None] = True) -> 
     recorder = GateRecorder()
     with recorder.recording():
         yield recorded
-    recorded.extend(recorder.collect(zip(model.config.mixer_layer_indices, model.mixers)))
+    recorded.extend(recorder.collect(model.mixers_by_layer()))
 
 
 def batch_gates(

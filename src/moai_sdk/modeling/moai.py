@@ -105,7 +105,8 @@ class MoAIForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.attention.attn_implementation = name
 
-    def _mixers_by_layer(self) -> list[tuple[int, MoAIMixer]]:
+    def mixers_by_layer(self) -> list[tuple[int, MoAIMixer]]:
+        """(decoder-layer index, mixer) of every mixer layer, in layer order."""
         layers = enumerate(self.model.layers)
         return [(i, layer.attention.mixer) for i, layer in layers if layer.attention.mixer is not None]
 
@@ -306,7 +307,7 @@ class MoAIForCausalLM(nn.Module):
             cache=cache,
             image_features=image_features,
             compressed_aux=compressed_aux,
-            gate_weights=None if recorder is None else recorder.collect(self._mixers_by_layer()),
+            gate_weights=None if recorder is None else recorder.collect(self.mixers_by_layer()),
         )
 
     def _decode_step(
