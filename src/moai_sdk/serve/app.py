@@ -116,19 +116,16 @@ class _Observe:
         t0 = time.perf_counter()
         path = scope.get("path", "")
         endpoint = path if path in _ROUTES else "other"
-        status = {"code": 0}
+        status = {"code": 0, "done": False}
 
         async def observed_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.answered(endpoint, status["code"], time.perf_counter() - t0)
+                status["done"] = True
 
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await _send_error(observed_send, _too_large(self.limit))
-            return
         received = 0
 
         async def limited_receive() -> dict:
@@ -141,10 +138,18 @@ class _Observe:
             return message
 
         try:
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                await _send_error(observed_send, _too_large(self.limit))
+                return
             await self.app(scope, limited_receive, observed_send)
         except _BodyTooLarge:
             if not status["code"]:
                 await _send_error(observed_send, _too_large(self.limit))
+        except Exception:  # answered 500 by the server's outer error handler
+            status.update(code=500, done=True)
+            raise
+        finally:  # a response that never finished (the client left mid-stream) counts as 499
+            self.metrics.answered(endpoint, status["code"] if status["done"] else 499, time.perf_counter() - t0)
 
 
 def _too_large(limit: int) -> APIError:
@@ -277,7 +282,9 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
 
     @app.post("/v1/perceive", dependencies=[Depends(authorize)])
     async def perceive(body: PerceiveRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
         sched = ready()
+        sched.check_capacity()
         image = await load_request_image(
             body.image,
             max_bytes=config.max_image_bytes,
@@ -289,7 +296,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         job = Job("perceive", image, asyncio.get_running_loop(), experts=body.experts)
         sched.submit(job)
         try:
-            kind, payload = await next_event(job, request, job.arrived + config.request_timeout)
+            kind, payload = await next_event(job, request, arrived + config.request_timeout)
         except _ClientGone:
             return Response(status_code=499)
         if kind == "error":
@@ -298,7 +305,9 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
         sched = ready()
+        sched.check_capacity()  # refuse before spending work on the image when the queue is full
         if body.model != served:
             raise APIError(
                 404,
@@ -321,7 +330,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         settings = _fit_context(settings, context, sched.info.max_context, requested)
         job = Job("chat", image, asyncio.get_running_loop(), prompt=prompt, settings=settings, stream=bool(body.stream))
         sched.submit(job)
-        deadline = job.arrived + config.request_timeout
+        deadline = arrived + config.request_timeout
         cid, created_at = completion_id(), int(time.time())
         want_moai = body.moai is not None and body.moai.return_perception
         try:

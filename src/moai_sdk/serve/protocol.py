@@ -211,8 +211,8 @@ def parse_messages(messages: list[dict[str, Any]]) -> tuple[str, str]:
             raise bad_request(f"unsupported content part {kind!r}: MoAI reads 'text' parts and one 'image_url'", where)
     if len(images) != 1:
         raise bad_request(f"MoAI answers about exactly one image per request; got {len(images)}", "messages[0].content")
-    prompt = "\n".join(texts).strip()
-    if not prompt:
+    prompt = "\n".join(texts)
+    if not prompt.strip():
         raise bad_request("the user message has no text: add a 'text' part with the question", "messages[0].content")
     return prompt, images[0]
 

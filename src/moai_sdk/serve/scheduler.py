@@ -267,18 +267,22 @@ class BatchScheduler:
         batches = len(self._pending) / self.max_batch_size + 1
         return max(1, math.ceil(self._batch_seconds * batches))
 
+    def check_capacity(self) -> None:
+        """A 429 (with ``Retry-After``) when the queue is full, a 503 when stopping."""
+        if self._stopping:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if len(self._pending) >= self.max_queue:
+            raise APIError(
+                429,
+                f"the server's queue is full ({self.max_queue} waiting requests); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(self.retry_after())},
+            )
+
     def submit(self, job: Job) -> None:
-        """Queue ``job``; a 429 (with ``Retry-After``) when the queue is full, a 503 when stopping."""
+        """Queue ``job``, or :meth:`check_capacity`'s error."""
         with self._cond:
-            if self._stopping:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
-            if len(self._pending) >= self.max_queue:
-                raise APIError(
-                    429,
-                    f"the server's queue is full ({self.max_queue} waiting requests); retry later",
-                    code="queue_full",
-                    headers={"Retry-After": str(self.retry_after())},
-                )
+            self.check_capacity()
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify_all()
