@@ -13,6 +13,10 @@ import json
 import logging
 import os
 import re
+import socket
+import threading
+import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping, Optional, Union
@@ -125,6 +129,45 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+#: Seconds the reachability probe waits for the Hub's host (DNS lookup and TCP connect).
+HUB_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+_probe_lock = threading.Lock()
+_probe_result: dict[str, tuple[str | None, float]] = {}
+#: A failed probe is trusted this long (seconds) before the next download probes again.
+_PROBE_RETRY_S = 60.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached from here (a short reason), or ``None`` when it can or cannot be told.
+
+    Without a network huggingface_hub retries every request five times with back-off (about 25 s per file) before
+    giving up. One DNS lookup and TCP connect to the endpoint's host tells this at once (probed once per process;
+    after a failure again a minute later), so a file that is not cached is reported in one line instead. Skipped
+    (``None``) behind a proxy, where a direct connection says nothing.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    parsed = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    if not host:
+        return None
+    key = f"{host}:{port}"
+    with _probe_lock:
+        known = _probe_result.get(key)
+        if known is not None and (known[0] is None or time.monotonic() - known[1] < _PROBE_RETRY_S):
+            return known[0]
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            reason = None
+        except OSError as exc:
+            reason = f"{host} cannot be reached: {exc.strerror or exc}"
+            if known is None:
+                logger.warning("the Hugging Face Hub is unreachable (%s); using the local cache only", reason)
+        _probe_result[key] = (reason, time.monotonic())
+        return reason
+
+
 def is_repo_id(value: str) -> bool:
     return bool(_REPO_ID.match(value)) and value.count("/") <= 1
 
@@ -148,6 +191,7 @@ def download(
     opts = HubOptions.from_any(hub, **hub_keywords)
     revision = opts.revision
     no_network = opts.offline
+    unreachable = None if no_network else hub_unreachable()
     where = f"{repo_type + ' ' if repo_type else ''}{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         return Path(
@@ -157,7 +201,7 @@ def download(
                 revision=revision,
                 cache_dir=opts.cache_dir,
                 token=opts.token,
-                local_files_only=no_network,
+                local_files_only=no_network or unreachable is not None,
                 repo_type=repo_type,
             )
         )
@@ -172,9 +216,10 @@ def download(
                 f"(HF_HUB_OFFLINE or local_files_only=True): run {fetch} or `moai download` where the Hub is "
                 "reachable, or pass a local folder"
             ) from exc
+        reason = f" ({unreachable})" if unreachable else ""
         raise CheckpointError(
             f"cannot download {filename!r} from {where}: it is not in the local Hugging Face cache and the Hub is "
-            f"unreachable. Check your network, or run {fetch} elsewhere and copy the cache"
+            f"unreachable{reason}. Check your network, or run {fetch} elsewhere and copy the cache"
         ) from exc
     except EntryNotFoundError as exc:  # after LocalEntryNotFoundError, which subclasses it in some versions
         if not required:
@@ -329,11 +374,17 @@ def _snapshot_once(repo_id: str, patterns: list[str], opts: HubOptions, repo_typ
     where = f"{repo_type + ' ' if repo_type else ''}{repo_id!r}" + (
         f" at revision {opts.revision!r}" if opts.revision else ""
     )
+    unreachable = None if opts.offline else hub_unreachable()
+    kwargs = {**opts.kwargs(), "local_files_only": opts.offline or unreachable is not None}
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, repo_type=repo_type, **opts.kwargs()))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, repo_type=repo_type, **kwargs))
     except LocalEntryNotFoundError as exc:
         state = (
-            "downloading is off (HF_HUB_OFFLINE or local_files_only=True)" if opts.offline else "the Hub is unreachable"
+            "downloading is off (HF_HUB_OFFLINE or local_files_only=True)"
+            if opts.offline
+            else f"the Hub is unreachable ({unreachable})"
+            if unreachable
+            else "the Hub is unreachable"
         )
         raise CheckpointError(
             f"{where} is not in the local Hugging Face cache and {state}: run `moai download` (or `hf download "
@@ -376,4 +427,5 @@ __all__ = [
     "env_offline",
     "is_repo_id",
     "read_json_object",
+    "hub_unreachable",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from ..errors import CheckpointError, ConfigError
-from ..hub import HubOptions, download, is_repo_id
+from ..hub import HubOptions, download, hub_unreachable, is_repo_id
 
 T = TypeVar("T")
 
@@ -40,14 +40,21 @@ def load_pretrained(loader: Callable[..., T], model_id: Optional[str], hub: HubO
     """
     if not model_id:
         raise ConfigError(f"expert {who!r} needs a model_id (a Hub id or a local folder)")
+    options = pretrained_kwargs(hub)
+    unreachable = None if hub.offline or is_local(model_id) else hub_unreachable()
+    if unreachable:  # no network: read the cache at once instead of 25 s of retries per file
+        options["local_files_only"] = True
     try:
-        return loader(model_id, **pretrained_kwargs(hub), **kwargs)
+        return loader(model_id, **options, **kwargs)
     except OSError as exc:
         where = "local folder" if Path(str(model_id)).exists() else "Hub id"
         hint = (
             "the files are not in the local cache and downloading is off (local_files_only / HF_HUB_OFFLINE); "
             "download them once with network access (or point model_id at a folder holding them)"
             if hub.offline
+            else f"the files are not in the local cache and the Hub is unreachable ({unreachable}); download them "
+            "once with network access (or point model_id at a folder holding them)"
+            if unreachable
             else "check the id / revision, your network (HF_HUB_OFFLINE=1 forces the cache) and, for gated "
             "or private repositories, pass token="
         )
