@@ -271,7 +271,11 @@ def tiny_cpu_setups(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
         processor=processor,
         perception=perception,
         new_tokens=args.new_tokens or 32,
-        logits_tol=1e-4,
+        # The two modes add in different orders (batched mixer + SDPA vs the official loop + eager attention), and
+        # the released numerics round the mixer's gate softmax to float16: fp32 noise of ~1e-5 in a gate logit can
+        # move a gate weight by one float16 step (<= 4.9e-4), which shows as ~1e-4 relative logit error on this
+        # random tiny model. Greedy tokens must still be identical (exact_tokens).
+        logits_tol=5e-4,
         exact_tokens=True,
         cuda_graphs=args.cuda_graphs,
         info={
