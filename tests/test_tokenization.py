@@ -258,33 +258,27 @@ def test_missing_files_raise_checkpoint_error(tmp_path: Path) -> None:
         MoAITokenizer.from_pretrained(tmp_path)
 
 
-def test_hub_download_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
-    from huggingface_hub.utils import LocalEntryNotFoundError
+def test_hub_download_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a local cache in the Hugging Face Hub layout (see tests/test_hub.py): the real hf_hub_download reads it
+    from test_hub import add_file
 
-    calls: list[tuple[str, str, dict]] = []
+    cache = tmp_path / "hub"
+    main, v1 = "1" * 40, "2" * 40
+    spm = (FIXTURE / "tokenizer.model").read_bytes()
+    add_file(cache, "BK-Lee/MoAI-7B", main, "tokenizer.model", spm, refs=("main",))  # no tokenizer_config.json
+    add_file(cache, "BK-Lee/MoAI-7B", v1, "tokenizer.model", spm, refs=("v1",))
+    add_file(cache, "BK-Lee/MoAI-7B", v1, "tokenizer_config.json", b'{"add_bos_token": false}')
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    def fake_download(repo_id: str, filename: str, **kwargs):
-        calls.append((repo_id, filename, kwargs))
-        if filename == "tokenizer_config.json":
-            raise LocalEntryNotFoundError("not cached")
-        return str(FIXTURE / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    t = MoAITokenizer.from_pretrained("BK-Lee/MoAI-7B", revision="main", token="hf_x", local_files_only=True)
-    assert t.encode("a<image>") == [1, 326, 1000]
-    assert [c[1] for c in calls] == ["tokenizer.model", "tokenizer_config.json"]
-    assert all(c[0] == "BK-Lee/MoAI-7B" for c in calls)
-    assert calls[0][2]["revision"] == "main" and calls[0][2]["token"] == "hf_x"
-    assert calls[0][2]["local_files_only"] is True
-
-    def offline(repo_id: str, filename: str, **kwargs):
-        raise LocalEntryNotFoundError("offline")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    t = MoAITokenizer.from_pretrained("BK-Lee/MoAI-7B", revision="main", cache_dir=cache, token="hf_x")
+    assert t.encode("a<image>") == [1, 326, 1000]  # the class defaults where the snapshot has no config
+    t = MoAITokenizer.from_pretrained("BK-Lee/MoAI-7B", revision="v1", cache_dir=cache, local_files_only=True)
+    assert t.encode("a<image>") == [326, 1000]  # the revision picks the snapshot and its tokenizer_config.json
     with pytest.raises(CheckpointError, match="local Hugging Face cache"):
-        MoAITokenizer.from_pretrained("BK-Lee/MoAI-7B")
-    assert resolve_model_file("BK-Lee/MoAI-7B", "tokenizer_config.json", required=False) is None
+        MoAITokenizer.from_pretrained("BK-Lee/MoAI-7B", cache_dir=tmp_path / "empty")
+    assert resolve_model_file("BK-Lee/MoAI-7B", "tokenizer_config.json", required=False, cache_dir=cache) is None
+    found = resolve_model_file("BK-Lee/MoAI-7B", "tokenizer_config.json", cache_dir=cache, revision="v1")
+    assert found is not None and found.read_bytes() == b'{"add_bos_token": false}'
 
 
 def test_decode_accepts_numpy_and_tensors(tok: MoAITokenizer) -> None:
