@@ -28,6 +28,26 @@ GEN = {"max_new_tokens": 4}
 PROMPT = "What is written in the image?"
 
 
+#: Seconds one Ray test may take before it is failed (a stalled cluster must not stall CI).
+TEST_LIMIT_S = 900
+
+
+@pytest.fixture(autouse=True)
+def bounded():
+    """Fail a test that runs past TEST_LIMIT_S instead of letting it hang."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"Ray test ran past {TEST_LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TEST_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
