@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -106,8 +106,6 @@ def encoded_images(draw):
 arrays = hnp.arrays(
     dtype=st.sampled_from(DTYPES),
     shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6),
-    elements=None,
-    fill=st.none(),
 )
 tensors = arrays.map(lambda a: torch.from_numpy(a.astype(np.float32) if a.dtype == np.float16 else a))
 strings = st.one_of(
@@ -123,6 +121,7 @@ def test_any_image_gives_a_result_or_a_moai_error(pipe, image):
     _outcome("images", lambda: pipe(image, "Hi", max_new_tokens=1))
 
 
+@settings(max_examples=max(1, settings().max_examples // 2))  # each valid batch runs the model on 2-3 images
 @given(batch=st.lists(st.one_of(pil_images(), st.binary(max_size=20)), min_size=2, max_size=3))
 def test_a_batch_error_names_the_image(pipe, batch):
     try:

@@ -64,7 +64,7 @@ from .imageops import MOAI_IMAGE_SIZE, prepare_frames, split_images
 from .modeling import GenerationSettings, MoAIForCausalLM
 from .modeling.compressor import MoAICompressor
 from .modeling.config import check_attn_implementation
-from .modeling.generation import GenerateOutput
+from .modeling.generation import GenerateOutput, check_context_length
 from .modeling.mixer import GateWeights, MoAIMixer
 from .modeling.quantization import check_quantization
 from .processing import MoAIInputs, MoAIProcessor
@@ -84,7 +84,7 @@ OFFICIAL_DEMO_GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.
 OFFICIAL_BENCHMARK_GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 3, "max_new_tokens": 128}
 
 #: The keywords of a call besides the generation options (which are the fields of ``GenerationSettings``).
-_CALL_OPTION_NAMES = ("template", "perception", "experts", "return_gates")
+_CALL_OPTION_NAMES = ("template", "perception", "experts", "return_gates", "allow_special_tokens", "allow_remote")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,23 +426,26 @@ class MoAIPipeline:
             )
         return self._runners[key]
 
-    def _frames(self, images: Any) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """Official resize of every image: uint8 [3, S, S] frames and the original (width, height)."""
+    def _frames(self, images: Any, allow_remote: bool = False) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Official resize of every image: uint8 [3, S, S] frames and the original (width, height); ``http(s)``
+        URLs are fetched only with ``allow_remote``."""
         size = self._processor.image_size if self._processor is not None else MOAI_IMAGE_SIZE
         if self._processor is None and self._model is not None:
             size = int(self._model.config.structure.image_size)
-        return prepare_frames(split_images(images), size)
+        return prepare_frames(split_images(images), size, allow_remote=allow_remote)
 
-    def perceive(self, images: Any, *, experts: Any = None) -> Union[PerceptionResult, list[PerceptionResult]]:
+    def perceive(
+        self, images: Any, *, experts: Any = None, allow_remote: bool = False
+    ) -> Union[PerceptionResult, list[PerceptionResult]]:
         """Run the experts only (no language model): one :class:`PerceptionResult` per image.
 
-        ``images``: one image (PIL, path, bytes, numpy HWC uint8, torch CHW uint8) or a list; ``experts``: a
-        subset of the configured experts (names or tasks) for this call.
+        ``images``: one image (PIL, path, bytes, numpy HWC uint8, torch CHW uint8; an ``http(s)`` URL with
+        ``allow_remote=True``) or a list; ``experts``: a subset of the configured experts (names or tasks).
         """
         chosen = select_experts(self.experts, experts)
         if not chosen:
             raise ConfigError("this pipeline has no experts to run; configure them with from_pretrained(experts=...)")
-        frames, sizes = self._frames(images)
+        frames, sizes = self._frames(images, allow_remote)
         if not frames:
             raise InputError("no images given")
         results = self._runner(chosen).run_frames(frames, sizes)
@@ -477,6 +480,8 @@ class MoAIPipeline:
         experts: Any = None,
         on_token: Optional[TokenCallback] = None,
         return_gates: Union[bool, str] = False,
+        allow_special_tokens: bool = False,
+        allow_remote: bool = False,
         **generation: Any,
     ) -> Union[MoAIResult, list[MoAIResult]]:
         """Answer ``prompts`` about ``images``.
@@ -493,7 +498,14 @@ class MoAIPipeline:
         * ``experts``: a subset of the configured experts (names or tasks) for this call; ``[]`` for none;
         * ``on_token(ids)``: called after each generated step with the new token id of every row (a [B] tensor;
           greedy and sampling only); an exception raised in it stops the generation and propagates;
-        * ``return_gates``: ``True`` / ``"tokens"`` (per token too): ``result.mixer`` holds the mixer's gate weights.
+        * ``return_gates``: ``True`` / ``"tokens"`` (per token too): ``result.mixer`` holds the mixer's gate weights;
+        * ``allow_special_tokens``: control strings in a prompt (``</s>``, ``[UNUSED_TOKEN_145]``, ...) are plain
+          text by default; ``True`` makes them control tokens (for raw prompts);
+        * ``allow_remote``: fetch ``http(s)://`` image URLs (with a timeout and a byte cap, see
+          :func:`~moai_sdk.imageops.load_image_chw`); off by default.
+
+        The prompt, the image tokens and ``max_new_tokens`` must fit the model's context window; that is checked
+        before any compute (:class:`~moai_sdk.InputError` with the numbers).
         """
         base = self.generation_config if generation_config is None else generation_config
         settings = _settings(base, generation, on_token)
@@ -502,7 +514,8 @@ class MoAIPipeline:
             with timer.stage("load"):  # one-off, kept out of "total"
                 _ = self.processor, self.model
         t0 = time.perf_counter()
-        rows = self._prepare(images, prompts, template, perception, experts, timer)
+        text_options = dict(max_new_tokens=settings.max_new_tokens, raw=bool(allow_special_tokens))
+        rows = self._prepare(images, prompts, template, perception, experts, timer, allow_remote, text_options)
         with explain.recording_gates(self.model, return_gates) as gate_weights:
             out = self._generate(rows.inputs, settings, timer, on_token)
         timer.timings["total"] = time.perf_counter() - t0
@@ -513,11 +526,29 @@ class MoAIPipeline:
         return results if _is_batch(images) or _is_batch(prompts) else results[0]
 
     def _prepare(
-        self, images: Any, prompts: Any, template: Any, perception: Any, experts: Any, timer: _Timer
+        self,
+        images: Any,
+        prompts: Any,
+        template: Any,
+        perception: Any,
+        experts: Any,
+        timer: _Timer,
+        allow_remote: bool = False,
+        text_options: Optional[dict[str, Any]] = None,
     ) -> _Prepared:
-        """Stages 1-3, before the language model: experts, verbalization, preprocess."""
+        """Stages 1-3, before the language model: experts, verbalization, preprocess. ``text_options``
+        (``max_new_tokens``, ``raw``): the context window is checked first."""
+        text_options = text_options or {}
         image_list, prompt_list = _broadcast(split_images(images), split_images(prompts))
-        frames, sizes = self._frames(image_list)
+        template = template if template is not None else self.template
+        if "max_new_tokens" in text_options:  # the context window, before any compute
+            longest = max(
+                self.processor.prompt_lengths(prompt_list, template, text_options.get("raw", False)), default=0
+            )
+            check_context_length(
+                longest, self.processor.num_image_tokens, text_options["max_new_tokens"], self.model.config
+            )
+        frames, sizes = self._frames(image_list, allow_remote)
         # 1. expert.<name>: each chosen expert on every frame, through the cache (unless perceptions are given)
         if perception is not None:
             perceptions: list[Optional[PerceptionResult]] = list(_given_perceptions(perception, len(frames)))
@@ -531,8 +562,10 @@ class MoAIPipeline:
         # 3. preprocess: prompts, aux texts, frames and panoptic maps -> model inputs
         with timer.stage("preprocess"):
             maps = [p.panoptic_color_map() if p is not None else None for p in perceptions]
-            template = template if template is not None else self.template
-            inputs = self.processor(frames, prompt_list, aux_texts, maps, template=template, resize=False)
+            raw = bool(text_options.get("raw", False))
+            inputs = self.processor(
+                frames, prompt_list, aux_texts, maps, template=template, resize=False, allow_special_tokens=raw
+            )
         return _Prepared(prompt_list, perceptions, aux_texts, inputs)
 
     def _generate(

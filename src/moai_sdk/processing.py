@@ -393,6 +393,19 @@ class MoAIProcessor:
         """``im_mask`` / ``lang_mask`` for a left-padded batch (see :func:`merged_image_masks`)."""
         return merged_image_masks(input_ids, attention_mask, self.image_token_index, self.img_length)
 
+    def prompt_lengths(
+        self, prompts: Sequence[str], template: str | Sequence[str] = DEFAULT_TEMPLATE, raw: bool = False
+    ) -> list[int]:
+        """Text tokens of each full prompt (BOS included, the ``<image>`` placeholder not), as :meth:`__call__`
+        tokenizes it (``raw`` = ``allow_special_tokens``): what the context-window check counts."""
+        templates = self._broadcast_strings(template, len(prompts), "template", allow_none=False)
+        lengths = []
+        for prompt, name in zip(prompts, templates, strict=True):
+            parts = prompt_parts(prompt, check_template(name))
+            ids = self.tokenizer.encode("".join(t for t, _ in parts)) if raw else self.tokenizer.encode_parts(parts)
+            lengths.append(len(ids) - 1)
+        return lengths
+
     # ------------------------------------------------------------------ main entry point
     def __call__(
         self,

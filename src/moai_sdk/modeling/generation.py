@@ -174,20 +174,28 @@ class GenerationSettings:
         return cls(**values).validate()
 
 
-def check_context_length(
-    prompt_tokens: int, image_tokens: int, max_new_tokens: int, window: int, note: str = ""
-) -> None:
+def check_context_length(prompt_tokens: int, image_tokens: int, max_new_tokens: int, config: Any) -> None:
     """Refuse, before any compute, a request whose positions would not fit the model's context window.
 
     ``prompt_tokens`` counts the text tokens (BOS included, the ``<image>`` placeholder not); the placeholder
-    becomes ``image_tokens`` positions; generation adds up to ``max_new_tokens``. Raises
-    :class:`~moai_sdk.InputError` stating every number.
+    becomes ``image_tokens`` positions; generation adds up to ``max_new_tokens``. The window is
+    ``config.context_window`` (``max_position_embeddings``, times the factor of linear or dynamic RoPE scaling).
+    The verbalization is not counted: the compressor turns it into a fixed number of latents the mixers read, and
+    it takes no positions. Raises :class:`~moai_sdk.InputError` stating every number.
     """
     total = prompt_tokens + image_tokens + max_new_tokens
+    window = config.context_window
     if total > window:
+        scaling = config.rope_scaling or {}
+        how = (
+            f"{float(scaling.get('factor', 1)):g} x max_position_embeddings {config.max_position_embeddings:,} with "
+            f"{scaling.get('type', scaling.get('rope_type'))} RoPE scaling"
+            if scaling
+            else "max_position_embeddings"
+        )
         raise InputError(
             f"the request needs {total:,} positions -- prompt {prompt_tokens:,} tokens + image {image_tokens:,} "
-            f"+ max_new_tokens {max_new_tokens:,} -- but the model's context window is {window:,}{note}; "
+            f"+ max_new_tokens {max_new_tokens:,} -- but the model's context window is {window:,} ({how}); "
             "shorten the prompt or lower max_new_tokens"
         )
 
@@ -301,7 +309,7 @@ def generate(
 
     n_image = model.config.structure.num_patches
     capacity = t - 1 + n_image + settings.max_new_tokens
-    check_context_length(t - 1, n_image, settings.max_new_tokens, model.config.context_window)
+    check_context_length(t - 1, n_image, settings.max_new_tokens, model.config)
     bad_ids = [i for i in _eos_list(settings, 0) + [pad_id] if not 0 <= int(i) < vocab]
     if bad_ids:
         raise GenerationError(f"eos/pad token ids {bad_ids} lie outside the vocabulary (0..{vocab - 1})")
