@@ -17,6 +17,7 @@ import importlib.metadata as md
 import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .batch import cli as batch_cli
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="answer a question about an image")
-    run.add_argument("image", help="image file")
+    run.add_argument("image", help="image file (or an http(s) URL with --allow-remote)")
     run.add_argument("prompt", help="the question")
     _add_model_options(run)
     _add_hub_options(run)
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the whole MoAIResult as JSON")
     run.add_argument("--stream", action="store_true", help="print the answer while it is generated")
     run.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
+    run.add_argument("--allow-remote", action="store_true", help="fetch the image when it is an http(s) URL")
     run.add_argument(
         "--ablate",
         action="store_true",
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     perceive = sub.add_parser("perceive", help="run the perception experts on an image")
-    perceive.add_argument("image", help="image file")
+    perceive.add_argument("image", help="image file (or an http(s) URL with --allow-remote)")
+    perceive.add_argument("--allow-remote", action="store_true", help="fetch the image when it is an http(s) URL")
     _add_experts_option(perceive)
     _add_hub_options(perceive)
     perceive.add_argument("--json", action="store_true", help="print the PerceptionResult as JSON")
@@ -171,10 +175,36 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_image(path: str) -> str:
-    if not Path(path).is_file():
+def _check_image(path: str, allow_remote: bool = False) -> str:
+    """Refuse, before anything loads, an image argument that is neither a file nor an allowed URL."""
+    if path.lower().startswith(("http://", "https://")):
+        if not allow_remote:
+            raise InputError(f"{path!r} is a URL; pass --allow-remote to fetch it, or download it and pass the file")
+        return path
+    try:
+        found = Path(path).is_file()
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path[:120]!r} is not a usable file path: {exc}") from exc
+    if not found:
         raise InputError(f"image file not found: {path!r}")
     return path
+
+
+def _check_output(path: Optional[str], option: str = "--plot") -> None:
+    """Refuse, before any work, an output file that cannot be written (not after minutes of generation)."""
+    if not path:
+        return
+    out = Path(path).expanduser()
+    folder = out.parent
+    if out.is_dir():
+        raise InputError(f"{option} {path!r} is a folder; give a file name such as out.png or out.json")
+    if not folder.is_dir():
+        raise InputError(f"{option} {path!r}: the folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{option} {path!r}: the folder {str(folder)!r} is not writable")
+    suffix = out.suffix.lower()
+    if suffix != ".json" and suffix not in Image.registered_extensions():
+        raise InputError(f"{option} {path!r}: {suffix or 'no suffix'} is not a picture format; use .png, .jpg or .json")
 
 
 def _write(text: str, stream: Any = None) -> None:
@@ -209,9 +239,12 @@ def _summary(result: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _check_image(args.image)
+    _check_image(args.image, args.allow_remote)
+    _check_output(args.plot)
     pipe = _pipeline_from_args(args, with_model=True)
     options = generation_kwargs(args)
+    if args.allow_remote:
+        options["allow_remote"] = True
     if args.ablate:
         return _run_ablation(pipe, args, options)
     if args.stream:
@@ -248,12 +281,13 @@ def _run_ablation(pipe: Any, args: argparse.Namespace, options: dict[str, Any]) 
 
 
 def cmd_perceive(args: argparse.Namespace) -> int:
-    _check_image(args.image)
+    _check_image(args.image, args.allow_remote)
+    _check_output(args.plot)
     spec = parse_experts(args.experts)
     if spec is None:
         raise InputError("moai perceive needs at least one expert; --experts none leaves nothing to run")
     pipe = _pipeline_from_args(args, with_model=False)
-    result = pipe.perceive(args.image)
+    result = pipe.perceive(args.image, allow_remote=args.allow_remote)
     if args.json:
         _write(result.to_json(args.include_masks) + "\n")
     else:
@@ -463,6 +497,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.image is not None:
         _check_image(args.image)
+    _check_output(args.plot)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     with tempfile.TemporaryDirectory(prefix="moai-demo-") as tmp:
