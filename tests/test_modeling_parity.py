@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import CASE_NAMES, official_inputs, official_pixel_values, rel_err
+from oracle_gates import UNPINNED_TOL, oracle_gate_logits
 
 TOL = 1e-4
 
@@ -16,10 +17,11 @@ def _gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
-@pytest.mark.parametrize("name", CASE_NAMES)
-def test_prefill_matches_official(tiny_model, cases, cases_meta, name):
+def _prefill(model, inputs: dict, cases: dict, pin: list | None = None) -> tuple:
+    """One forward pass, capturing layer 7's mixed states (the input of ``wqkv``) and gate logits; ``pin``: the
+    case names whose stored gate logits replace ours (:func:`oracle_gates.oracle_gate_logits`)."""
     captured = {}
-    attn = tiny_model.model.layers[7].attention
+    attn = model.model.layers[7].attention
     hooks = [
         attn.wqkv.register_forward_pre_hook(lambda m, a: captured.__setitem__("mixed", a[0].clone())),
         attn.moai_GA_img.register_forward_hook(lambda m, a, o: captured.__setitem__("gate_img", o.clone())),
@@ -27,25 +29,62 @@ def test_prefill_matches_official(tiny_model, cases, cases_meta, name):
     ]
     try:
         with torch.no_grad():
-            out = tiny_model(**official_inputs(name, cases, cases_meta))
+            if pin is None:
+                return model(**inputs), captured
+            with oracle_gate_logits(model, cases, pin) as pinned:
+                out = model(**inputs)
+            assert pinned["calls"] == 2 * len(model.mixers)  # both gates of every mixer layer were pinned
+            return out, captured
     finally:
         for h in hooks:
             h.remove()
-    assert out.logits.shape[-1] == 1000
-    assert rel_err(out.image_features, cases[f"{name}.image_features"]) < TOL
-    assert rel_err(out.compressed_aux, cases[f"{name}.compressed_aux"]) < TOL
-    assert torch.equal(out.attention_mask, cases[f"{name}.merged_attention_mask"])
-    assert rel_err(out.logits[:, -1], cases[f"{name}.logits_last"]) < TOL
-    text = _gather_positions(out.logits, cases[f"{name}.text_positions"])
-    assert rel_err(text, cases[f"{name}.logits_text_positions"]) < TOL
-    assert rel_err(captured["gate_img"].reshape(-1, 3), cases[f"{name}.layer7.gate_img_logits"]) < TOL
-    assert rel_err(captured["gate_lang"].reshape(-1, 3), cases[f"{name}.layer7.gate_lang_logits"]) < TOL
+
+
+def _check_mixed_states(name: str, captured: dict, cases: dict) -> None:
     if f"{name}.layer7.mixed_hidden" in cases:
         assert rel_err(captured["mixed"], cases[f"{name}.layer7.mixed_hidden"]) < TOL
     else:
         mixed_text = _gather_positions(captured["mixed"], cases[f"{name}.text_positions"])
         assert rel_err(mixed_text, cases[f"{name}.layer7.mixed_hidden_text"]) < TOL
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_prefill_matches_official(tiny_model, cases, cases_meta, name):
+    """End to end with our own gate logits. Everything up to the gate logits, and the mixed states, at 1e-4; the
+    logits within ``UNPINNED_TOL``: the float16 gate softmax turns float32 noise in the gate logits into whole
+    float16 steps of some gate weights (tests/oracle_gates.py; measured 2.05e-4 on case a, 9e-6 / 2.7e-5 on b / c).
+    The strict logit check is :func:`test_prefill_with_oracle_gate_logits_matches_official`."""
+    out, captured = _prefill(tiny_model, official_inputs(name, cases, cases_meta), cases)
+    assert out.logits.shape[-1] == 1000
+    assert rel_err(out.image_features, cases[f"{name}.image_features"]) < TOL
+    assert rel_err(out.compressed_aux, cases[f"{name}.compressed_aux"]) < TOL
+    assert torch.equal(out.attention_mask, cases[f"{name}.merged_attention_mask"])
+    assert rel_err(captured["gate_img"].reshape(-1, 3), cases[f"{name}.layer7.gate_img_logits"]) < TOL
+    assert rel_err(captured["gate_lang"].reshape(-1, 3), cases[f"{name}.layer7.gate_lang_logits"]) < TOL
+    _check_mixed_states(name, captured, cases)
+    assert rel_err(out.logits[:, -1], cases[f"{name}.logits_last"]) < UNPINNED_TOL
+    text = _gather_positions(out.logits, cases[f"{name}.text_positions"])
+    assert rel_err(text, cases[f"{name}.logits_text_positions"]) < UNPINNED_TOL
     # the arg-max agrees wherever the oracle's top-1 margin is not razor thin
+    assert torch.equal(out.logits[:, -1].argmax(-1), cases[f"{name}.logits_last"].argmax(-1))
+    assert torch.equal(text.argmax(-1), cases[f"{name}.logits_text_positions"].argmax(-1))
+
+
+@pytest.mark.parametrize("mode", ["batched", "reference"])
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_prefill_with_oracle_gate_logits_matches_official(tiny_model, cases, cases_meta, name, mode):
+    """With every mixer layer's gate logits pinned to the oracle's (the float16 rounding of the gate weights is
+    then the oracle's), the mixed states and the logits agree at the original 1e-4 (measured <= 2.5e-5), in the
+    batched mixer and in the official per-sample loop."""
+    tiny_model.set_mixer_mode(mode)
+    try:
+        out, captured = _prefill(tiny_model, official_inputs(name, cases, cases_meta), cases, pin=[name])
+    finally:
+        tiny_model.set_mixer_mode("batched")
+    _check_mixed_states(name, captured, cases)
+    assert rel_err(out.logits[:, -1], cases[f"{name}.logits_last"]) < TOL
+    text = _gather_positions(out.logits, cases[f"{name}.text_positions"])
+    assert rel_err(text, cases[f"{name}.logits_text_positions"]) < TOL
     assert torch.equal(out.logits[:, -1].argmax(-1), cases[f"{name}.logits_last"].argmax(-1))
 
 
