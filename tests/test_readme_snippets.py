@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 HUB_ID = "BK-Lee/MoAI-7B"
 FENCE = "```python"
+PYTHONISH = re.compile(r"^\s*```\s*(python|py|python3|pycon)\s*$", re.IGNORECASE)  # what a reader takes for Python
 MARKER = re.compile(r"^<!--\s*readme-test:\s*(?P<kind>\S+)\s*(?P<detail>.*?)\s*-->$")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 WRITERS = ("save", "savefig")  # method calls whose string argument is a file the block writes
@@ -97,8 +98,8 @@ RUN = [b for b in BLOCKS if b.kind is None]
 
 def test_every_block_is_run_or_accounted_for():
     text = README.read_text(encoding="utf-8")
-    fences = [n for n, line in enumerate(text.splitlines(), 1) if line.strip() == FENCE]
-    assert [b.line - 1 for b in BLOCKS] == fences, "a ```python block was not parsed"
+    fences = [n for n, line in enumerate(text.splitlines(), 1) if PYTHONISH.match(line)]
+    assert [b.line - 1 for b in BLOCKS] == fences, "a Python block was not parsed: open Python blocks with ```python"
     assert len(RUN) + sum(b.kind in ("skip", "elsewhere") for b in BLOCKS) == len(fences)
     assert RUN, "no README block is run here"
     # every marker in the README is a known kind with a reason and sits right before a python block
@@ -175,27 +176,31 @@ def _free_names(tree: ast.AST) -> set[str]:
 
 
 def _given(names: set[str], model_dir: Path) -> dict[str, Any]:
-    """Values for the README's context names a block uses without defining them."""
-    values: dict[str, Any] = {}
+    """Values for the README's context names a block uses without defining them: the pipeline of the README's
+    first block, a picture, a question and that picture's perception."""
+    values: dict[str, Any] = {"image": demo_image("MOAI", (320, 240)), "prompt": "What is written here?"}
     if names & {"pipe", "perception"}:
         values["pipe"] = MoAIPipeline.from_pretrained(str(model_dir))
-    if "image" in names:
-        values["image"] = demo_image("MOAI", (320, 240))
-    if "prompt" in names:
-        values["prompt"] = "What is written here?"
     if "perception" in names:
-        values["perception"] = values["pipe"].perceive(demo_image("MOAI", (320, 240)))
+        values["perception"] = values["pipe"].perceive(values["image"])
     return {k: values[k] for k in names}
 
 
 GIVEN = ("pipe", "image", "prompt", "perception")
 
 
+@pytest.fixture(scope="module")
+def tiny_experts(tiny_root) -> dict[str, Any]:
+    """The tiny experts by task, built once: every block's pipeline shares them (their weights load once)."""
+    return selection.resolve_experts(build_tiny_experts(tiny_root / "experts"), device="cpu")
+
+
 @pytest.fixture
-def offline_readme(tiny_root, tmp_path, monkeypatch):
+def offline_readme(tiny_root, tiny_experts, tmp_path, monkeypatch):
     """The tiny stand-ins for the Hub's checkpoints, a few tokens per answer, and an empty working folder."""
-    for task, spec in build_tiny_experts(tiny_root / "experts").items():
-        monkeypatch.setitem(selection.DEFAULT_EXPERTS, task, spec)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for task, expert in tiny_experts.items():  # the default experts, ``experts="default"``, are these
+        monkeypatch.setitem(selection.DEFAULT_EXPERTS, task, expert)
     real_init = MoAIPipeline.__init__
 
     @functools.wraps(real_init)
