@@ -246,3 +246,13 @@ def test_url_loaded_when_allowed_with_timeout_and_byte_cap(image_server):
         load_image_chw(f"{image_server}/nolength.png", allow_remote=True, max_bytes=1000)
     with pytest.raises(InputError, match=r"cannot fetch .*timeout 0.3 s"):
         load_image_chw(f"{image_server}/slow.png", allow_remote=True, timeout=0.3)
+
+
+def test_processor_batch_errors_name_the_image_index(tiny_dir):
+    from moai_sdk.processing import MoAIProcessor
+
+    proc = MoAIProcessor.from_pretrained(tiny_dir)
+    good = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match=r"image 1 of the batch: .*truncated or corrupt"):
+        noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        proc([good, _encode(Image.fromarray(noise))[:200]], "Hi")

@@ -321,10 +321,13 @@ class MoAIProcessor:
         """uint8 [B, 3, S, S]: each image loaded as RGB(A), officially resized (or checked), first 3 channels."""
         out = []
         for idx, image in enumerate(images):
-            if resize:
-                chw = prepare_image(image, self.image_size)
-            else:
-                chw = load_image_chw(image)
+            try:
+                chw = prepare_image(image, self.image_size) if resize else load_image_chw(image)
+            except InputError as exc:
+                if len(images) == 1:
+                    raise
+                raise InputError(f"image {idx} of the batch: {exc}") from exc
+            if not resize:
                 if tuple(chw.shape[1:]) != (self.image_size, self.image_size):
                     raise InputError(
                         f"image {idx} is {chw.shape[2]}x{chw.shape[1]} but resize=False needs exactly "
