@@ -107,3 +107,19 @@ def test_context_window_includes_rope_scaling_factor(tiny_model):
     cfg = tiny_model.config.copy()
     cfg.rope_scaling = {"type": "dynamic", "factor": 2.0}
     assert cfg.context_window == 2 * cfg.max_position_embeddings
+
+
+@pytest.mark.parametrize(
+    "ids, mask, message",
+    [
+        (torch.ones(5, dtype=torch.long), None, "2-D integer tensor"),
+        (torch.ones(1, 5), None, "2-D integer tensor"),
+        ([[1, 2]], None, "2-D integer tensor"),
+        (torch.ones(1, 0, dtype=torch.long), None, "empty"),
+        (torch.ones(1, 5, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), "shape of input_ids"),
+    ],
+)
+def test_generate_checks_its_tensors(tiny_model, ids, mask, message):
+    n = tiny_model.config.structure.image_size
+    with pytest.raises(InputError, match=message):
+        tiny_model.generate(ids, pixel_values=torch.zeros(1, 3, n, n), attention_mask=mask, max_new_tokens=1)

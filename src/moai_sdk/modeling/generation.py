@@ -174,6 +174,20 @@ class GenerationSettings:
         return cls(**values).validate()
 
 
+def _check_ids(input_ids: Any, attention_mask: Any) -> None:
+    """``input_ids`` must be a 2-D integer tensor [B, T] with T > 0, and ``attention_mask`` (if given) of its shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InputError(f"input_ids must be a 2-D integer tensor [batch, tokens]; got {shape}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape)
+    ):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise InputError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got {got}")
+
+
 def check_context_length(prompt_tokens: int, image_tokens: int, max_new_tokens: int, config: Any) -> None:
     """Refuse, before any compute, a request whose positions would not fit the model's context window.
 
@@ -292,6 +306,7 @@ def generate(
     if pixel_values is None and fwd_extra.get("image_features") is None:
         raise GenerationError("generate needs pixel_values (or image_features): MoAI always sees an image")
 
+    _check_ids(input_ids, attention_mask)
     device = model.device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape
