@@ -57,7 +57,8 @@ def _outcome(category: str, call) -> str:
         assert str(exc), "a MoAIError must say what went wrong"
         outcome = type(exc).__name__
     else:
-        assert isinstance(result, MoAIResult) and isinstance(result.text, str)
+        results = result if isinstance(result, list) else [result]  # a 4-D array is a batch
+        assert results and all(isinstance(r, MoAIResult) and isinstance(r.text, str) for r in results)
         outcome = "valid"
     OUTCOMES[(category, outcome)] += 1
     return outcome
@@ -96,7 +97,7 @@ def encoded_images(draw):
             frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
         else:
             im.save(buf, format=fmt)
-    except (OSError, ValueError, KeyError, SystemError):
+    except (OSError, ValueError, KeyError, SystemError, MemoryError):
         return b"\x89PNG\r\n\x1a\n"  # Pillow cannot write this mode/format: a header only
     data = buf.getvalue()
     cut = draw(st.sampled_from([None, 1, 8, 30, -20, -1]))
