@@ -11,8 +11,11 @@ per image (so the perception experts' results are cached, as for any image asked
 serving and the language model, not the experts). Then for each concurrency ``c``, ``c`` client threads (the
 official ``openai`` client, greedy, ``--max-tokens`` new tokens) send ``--requests`` requests in all, first to
 ``off`` then to ``on``. Reported per row: requests/s (completed / wall time), p50 and p95 latency (seconds, as the
-client sees it) and the mean batch size (rows per pipeline call, from the server's ``/metrics``). The last column
-is the requests/s of ``on`` over ``off`` at the same concurrency.
+client sees it), the mean batch size (rows per pipeline call, from the server's ``/metrics``) and the server
+process's CPU seconds per request (all its threads; robust to other load on the machine, unlike wall time). The
+last column is the requests/s of ``on`` over ``off`` at the same concurrency. ``--server-threads N`` sets torch's
+threads in each server (``OMP_NUM_THREADS``); on a shared, oversubscribed machine ``1`` avoids OpenMP threads
+waiting on each other.
 
 Why the answer length matters on a CPU: a prompt is ~1,260 positions (1,225 of them image tokens), whose prefill
 is compute-bound -- batching does not make it cheaper per row -- while each decoding step costs about the same for
@@ -66,16 +69,19 @@ def image_urls(n: int) -> list[str]:
 class ServerProcess:
     """``moai serve --tiny DIR`` in a subprocess (log in ``log``)."""
 
-    def __init__(self, tiny: Path, log: Path, flags: Sequence[str], startup_s: float = 600.0) -> None:
+    def __init__(
+        self, tiny: Path, log: Path, flags: Sequence[str], threads: Optional[int] = None, startup_s: float = 600.0
+    ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "moai_sdk.cli", "serve", "--tiny", str(tiny), "--port", str(self.port)]
         cmd += ["--log-level", "warning", "--max-queue", "1024", *flags]
         self._log = open(log, "wb")  # closed in stop()
         self.log_path = log
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if threads:  # torch's intra-op threads (OpenMP) in the server
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -91,6 +97,12 @@ class ServerProcess:
 
     def metrics(self) -> str:
         return httpx.get(self.base + "/metrics", timeout=30).text
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (all its threads, user + system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -125,9 +137,11 @@ def run_load(
     max_tokens: int,
     urls: Sequence[str],
     metrics_text: Optional[Any] = None,
+    cpu_seconds: Optional[Any] = None,
 ) -> dict[str, Any]:
     """``concurrency`` threads send ``requests`` greedy chat completions in all; latencies, throughput and (with
-    ``metrics_text``, a callable returning the server's /metrics) the mean batch size of these requests."""
+    ``metrics_text``, a callable returning the server's /metrics) the mean batch size of these requests and
+    (with ``cpu_seconds``, a callable) the server's CPU seconds per request."""
     import openai
 
     lock = threading.Lock()
@@ -135,8 +149,11 @@ def run_load(
     latencies: list[float] = []
     errors: list[str] = []
 
+    start = threading.Barrier(concurrency + 1)
+
     def worker() -> None:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=3600)
+        start.wait()  # every client ready before the clock starts
         while True:
             with lock:
                 i = sent["n"]
@@ -159,15 +176,18 @@ def run_load(
             with lock:
                 latencies.append(time.perf_counter() - t0)
 
-    before = metrics_text() if metrics_text else ""
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    before = metrics_text() if metrics_text else ""
+    cpu_before = cpu_seconds() if cpu_seconds else 0.0
+    t0 = time.perf_counter()
+    start.wait()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
     after = metrics_text() if metrics_text else ""
+    cpu = cpu_seconds() - cpu_before if cpu_seconds else float("nan")
     calls = metric(after, "moai_batch_size_count") - metric(before, "moai_batch_size_count")
     rows = metric(after, "moai_batch_size_sum") - metric(before, "moai_batch_size_sum")
     return {
@@ -181,21 +201,23 @@ def run_load(
         "p95_s": _percentile(latencies, 0.95),
         "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
         "mean_batch_size": rows / calls if calls else float("nan"),
+        "server_cpu_s_per_request": cpu / len(latencies) if latencies else float("nan"),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of a run."""
     lines = [
-        "| concurrency | batching | requests/s | p50 latency (s) | p95 latency (s) | mean batch size | on / off |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| concurrency | batching | requests/s | p50 latency (s) | p95 latency (s) | mean batch size "
+        "| server CPU s / request | on / off |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     off = {r["concurrency"]: r["requests_per_s"] for r in rows if r["mode"] == "off"}
     for r in rows:
         ratio = f"{r['requests_per_s'] / off[r['concurrency']]:.2f}x" if r["mode"] == "on" else ""
         lines.append(
             f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.3f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} "
-            f"| {r['mean_batch_size']:.2f} | {ratio} |"
+            f"| {r['mean_batch_size']:.2f} | {r['server_cpu_s_per_request']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -204,12 +226,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", default=None, help="tiny model folder (default: a temporary folder)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=None, help="requests per run (default: max(8, 3 x concurrency))")
+    p.add_argument("--requests", type=int, default=None, help="requests per run (default: max(8, 4 x concurrency))")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer (default: 128)")
     p.add_argument("--max-batch-size", type=int, default=16, help="of the batching server (default: 16)")
     p.add_argument("--batch-timeout-ms", type=float, default=50.0)
     p.add_argument("--images", type=int, default=4, help="distinct images the requests cycle through")
     p.add_argument("--experts", default="default", help="'default' (the tiny experts) or 'none'")
+    p.add_argument("--server-threads", type=int, default=None, help="torch threads per server (default: torch's)")
     p.add_argument("--out", default=None, help="write the rows and settings as JSON here")
     args = p.parse_args(argv)
 
@@ -225,19 +248,21 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         for mode, size in (("off", 1), ("on", args.max_batch_size)):
-            servers[mode] = ServerProcess(work, work / f"server-{mode}.log", [*common, "--max-batch-size", str(size)])
+            flags = [*common, "--max-batch-size", str(size)]
+            servers[mode] = ServerProcess(work, work / f"server-{mode}.log", flags, threads=args.server_threads)
             for url in urls:  # warm: experts run once per image, then come from the cache
                 run_load(servers[mode].base, 1, 1, 2, [url])
         for c in args.concurrency:
-            n = args.requests or max(8, 3 * c)
+            n = args.requests or max(8, 4 * c)
             for mode in ("off", "on"):
                 server = servers[mode]
-                row = run_load(server.base, c, n, args.max_tokens, urls, server.metrics)
+                row = run_load(server.base, c, n, args.max_tokens, urls, server.metrics, server.cpu_seconds)
                 row["mode"] = mode
                 rows.append(row)
                 print(
                     f"c={c:<3} {mode:<3} {row['requests_per_s']:.3f} req/s  p50 {row['p50_s']:.2f}s  "
-                    f"p95 {row['p95_s']:.2f}s  batch {row['mean_batch_size']:.2f}  errors {len(row['errors'])}",
+                    f"p95 {row['p95_s']:.2f}s  batch {row['mean_batch_size']:.2f}  "
+                    f"cpu/req {row['server_cpu_s_per_request']:.2f}s  errors {len(row['errors'])}",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -285,16 +285,17 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         arrived = time.perf_counter()
         sched = ready()
         sched.check_capacity()
-        image = await load_request_image(
-            body.image,
-            max_bytes=config.max_image_bytes,
-            allow_remote=config.allow_remote_images,
-            remote_timeout=config.remote_timeout,
-            allow_bare_base64=True,
-            param="image",
-        )
-        job = Job("perceive", image, asyncio.get_running_loop(), experts=body.experts)
-        sched.submit(job)
+        with sched.preparing():
+            image = await load_request_image(
+                body.image,
+                max_bytes=config.max_image_bytes,
+                allow_remote=config.allow_remote_images,
+                remote_timeout=config.remote_timeout,
+                allow_bare_base64=True,
+                param="image",
+            )
+            job = Job("perceive", image, asyncio.get_running_loop(), experts=body.experts)
+            sched.submit(job)
         try:
             kind, payload = await next_event(job, request, arrived + config.request_timeout)
         except _ClientGone:
@@ -318,18 +319,20 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         check_unsupported(body)
         prompt, image_ref = parse_messages(body.messages)
         settings = generation_settings(body, pipe.generation_config)
-        image = await load_request_image(
-            image_ref,
-            max_bytes=config.max_image_bytes,
-            allow_remote=config.allow_remote_images,
-            remote_timeout=config.remote_timeout,
-            param="messages[0].content",
-        )
-        requested = body.max_completion_tokens is not None or body.max_tokens is not None
-        context = await run_in_threadpool(sched.context_tokens, prompt)
-        settings = _fit_context(settings, context, sched.info.max_context, requested)
-        job = Job("chat", image, asyncio.get_running_loop(), prompt=prompt, settings=settings, stream=bool(body.stream))
-        sched.submit(job)
+        with sched.preparing():
+            image = await load_request_image(
+                image_ref,
+                max_bytes=config.max_image_bytes,
+                allow_remote=config.allow_remote_images,
+                remote_timeout=config.remote_timeout,
+                param="messages[0].content",
+            )
+            requested = body.max_completion_tokens is not None or body.max_tokens is not None
+            context = await run_in_threadpool(sched.context_tokens, prompt)
+            settings = _fit_context(settings, context, sched.info.max_context, requested)
+            loop = asyncio.get_running_loop()
+            job = Job("chat", image, loop, prompt=prompt, settings=settings, stream=bool(body.stream))
+            sched.submit(job)
         deadline = arrived + config.request_timeout
         cid, created_at = completion_id(), int(time.time())
         want_moai = body.moai is not None and body.moai.return_perception

@@ -6,7 +6,9 @@ for more jobs with the same batch key (or until it has ``max_batch_size``), remo
 them as one left-padded pipeline call, each row of which equals its single run. Jobs with other keys keep their
 places for the next call. Counting the window from the end of the previous call lets the clients just answered
 come back and join: without it, a steady set of clients splits into groups that take turns (one group waits in
-the queue while the other runs), and every call runs half full.
+the queue while the other runs), and every call runs half full. Requests the server has received but is still
+preparing (decoding the image, counting tokens: :meth:`BatchScheduler.preparing`) extend the wait up to
+``PREPARING_WAIT_FACTOR`` windows, so that a burst is not split by how long its images take to decode.
 
 Batch keys (what may share one call, since the pipeline takes one :class:`GenerationSettings` per call):
 
@@ -38,8 +40,9 @@ import math
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
 
@@ -53,6 +56,9 @@ from .metrics import ServerMetrics
 from .protocol import APIError
 
 logger = logging.getLogger(__name__)
+
+#: While received requests are still being prepared, a batch waits for them up to this many batch windows.
+PREPARING_WAIT_FACTOR = 10
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -208,6 +214,7 @@ class BatchScheduler:
         self._thread: Optional[threading.Thread] = None
         self._batch_seconds = 1.0  # running mean of one call, for Retry-After
         self._free_since = 0.0  # when the previous call ended (perf_counter)
+        self._preparing = 0  # requests received, not yet queued
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -287,6 +294,18 @@ class BatchScheduler:
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify_all()
 
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around the work between a request's arrival and :meth:`submit`: a forming batch waits for it."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
     def cancel(self, job: Job) -> bool:
         """The client gave up on ``job``: drop it from the queue or discard its row. Returns :meth:`Job.abandon`."""
         abandoned = job.abandon()
@@ -309,10 +328,12 @@ class BatchScheduler:
                 if self._stopping:
                     return None
                 first = self._pending[0]
-                deadline = max(first.arrived, self._free_since) + self.batch_timeout
+                start = max(first.arrived, self._free_since)
+                deadline = start + self.batch_timeout
+                extended = start + PREPARING_WAIT_FACTOR * self.batch_timeout
                 group = self._compatible(first.key)
                 while len(group) < self.max_batch_size and not self._stopping:
-                    remaining = deadline - time.perf_counter()
+                    remaining = (extended if self._preparing else deadline) - time.perf_counter()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
