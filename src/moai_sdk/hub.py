@@ -117,6 +117,33 @@ class HubOptions:
         }
 
 
+class HubSettings:
+    """Read-only views of ``self.hub`` (a :class:`HubOptions`) for the components that carry one (the pipeline,
+    the experts), so that ``x.revision`` and friends read the one value instead of copies of it."""
+
+    hub: HubOptions
+
+    @property
+    def revision(self) -> Optional[str]:
+        """The revision (branch, tag or commit) weights come from."""
+        return self.hub.revision
+
+    @property
+    def cache_dir(self) -> Optional[str]:
+        """The Hugging Face cache folder (None: the default)."""
+        return self.hub.cache_dir
+
+    @property
+    def token(self) -> Union[str, bool, None]:
+        """The Hub token (None: the saved login, if any)."""
+        return self.hub.token
+
+    @property
+    def local_files_only(self) -> bool:
+        """Never download when True."""
+        return self.hub.local_files_only
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in the file ``path`` (a model folder's ``config.json`` ...), or a :class:`ConfigError`
     naming the file when it cannot be read, is not JSON or holds something other than an object."""
@@ -415,6 +442,7 @@ def download_first(
 
 __all__ = [
     "HubOptions",
+    "HubSettings",
     "download",
     "snapshot",
     "download_first",

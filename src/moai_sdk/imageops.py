@@ -330,6 +330,20 @@ def split_images(images: Any) -> list[Any]:
     return [images]
 
 
+def per_row(values: Sequence[Any], n: int, what: str, kind: type, *, name: str, allow_none: bool = False) -> list[Any]:
+    """``values`` for ``n`` rows -- one per row, or a single one shared by all -- each a ``kind`` (or None with
+    ``allow_none``); otherwise an :class:`~moai_sdk.errors.InputError` naming ``what`` (plural) or ``name[i]``."""
+    items = list(values)
+    if len(items) == 1 and n > 1:
+        items = items * n
+    if len(items) != n:
+        raise InputError(f"got {len(items)} {what} for {n} images; pass one per image or a single one")
+    for i, item in enumerate(items):
+        if not isinstance(item, kind) and not (allow_none and item is None):
+            raise InputError(f"{name}[{i}] must be a {kind.__name__}; got {type(item).__name__}")
+    return items
+
+
 def prepare_frames(
     images: Any, size: int = MOAI_IMAGE_SIZE, **options: Any
 ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
@@ -357,5 +371,6 @@ __all__ = [
     "official_resize",
     "prepare_image",
     "split_images",
+    "per_row",
     "prepare_frames",
 ]

@@ -57,14 +57,14 @@ from . import explain
 from .cache import ExpertCache
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import ConfigError, GenerationError, InputError
-from .experts.base import Expert, Perception
+from .experts.base import Expert, Perception, check_on_expert_error
 from .experts.selection import DEFAULT_EXPERTS, ExpertSpec, resolve_cache, resolve_experts, select_experts
-from .hub import HubOptions
-from .imageops import MOAI_IMAGE_SIZE, prepare_frames, split_images
+from .hub import HubOptions, HubSettings
+from .imageops import MOAI_IMAGE_SIZE, per_row, prepare_frames, split_images
 from .modeling import GenerationSettings, MoAIForCausalLM
 from .modeling.compressor import MoAICompressor
 from .modeling.config import check_attn_implementation
-from .modeling.generation import GenerateOutput, check_context_length
+from .modeling.generation import GenerateOutput
 from .modeling.mixer import GateWeights, MoAIMixer
 from .modeling.quantization import check_quantization
 from .processing import MoAIInputs, MoAIProcessor
@@ -121,15 +121,7 @@ def _broadcast(images: list[Any], prompts: list[Any]) -> tuple[list[Any], list[s
 
 def _given_perceptions(perception: Any, n: int) -> list[PerceptionResult]:
     """Precomputed perceptions of a call: one, or one per image."""
-    given = split_images(perception)
-    if len(given) == 1 and n > 1:
-        given = given * n
-    if len(given) != n:
-        raise InputError(f"got {len(given)} precomputed perceptions for {n} images; pass one per image")
-    for i, p in enumerate(given):
-        if not isinstance(p, PerceptionResult):
-            raise InputError(f"perception[{i}] must be a PerceptionResult; got {type(p).__name__}")
-    return list(given)
+    return per_row(split_images(perception), n, "precomputed perceptions", PerceptionResult, name="perception")
 
 
 class _Prepared(NamedTuple):
@@ -155,11 +147,14 @@ def _results(
     timings: dict[str, float],
     gate_weights: list[GateWeights],
     return_gates: Union[bool, str],
-    **shared: Any,
+    settings: GenerationSettings,
+    model_id: str,
+    revision: Optional[str],
 ) -> list[MoAIResult]:
     """One :class:`MoAIResult` per row, with the recorded ``gate_weights`` as ``mixer`` when ``return_gates``;
-    ``shared`` (model id, revision, seed, generation) is the same for all."""
+    the model id, revision, seed and generation settings are the same for all."""
     gates = explain.batch_gates(gate_weights, rows.inputs, return_gates)
+    shared = dict(model_id=model_id, revision=revision, seed=settings.seed, generation=settings.to_dict())
     return [
         MoAIResult(
             text=texts[i],
@@ -195,14 +190,28 @@ def _quantization_on(device: torch.device, quantization: Optional[str]) -> Optio
     return None
 
 
-def _settings(base: Any, options: dict[str, Any], on_token: Optional[TokenCallback] = None) -> GenerationSettings:
-    """``base`` (settings, dict or transformers config) with a call's generation ``options``; when sampling
-    without a seed one is drawn here, so that the result records it and the answer can be reproduced."""
-    settings = GenerationSettings.from_any(base, **options)
+def _settings(
+    default: GenerationSettings, base: Any, options: dict[str, Any], on_token: Optional[TokenCallback] = None
+) -> GenerationSettings:
+    """``base`` (settings, dict or transformers config; None: the pipeline's ``default``) with a call's generation
+    ``options``; when sampling without a seed one is drawn here, so that the result records it and the answer can
+    be reproduced."""
+    settings = GenerationSettings.from_any(default if base is None else base, **options)
     if on_token is not None and settings.num_beams > 1:
         raise GenerationError("on_token needs greedy or sampling decoding; beam search (num_beams > 1) has none")
     if settings.do_sample and settings.seed is None:
         settings.seed = random.SystemRandom().randrange(2**31)
+    return settings
+
+
+def _stream_settings(default: GenerationSettings, options: dict[str, Any]) -> GenerationSettings:
+    """The generation settings of a ``stream`` call, popped from its ``options`` (what is left are the call
+    options of :meth:`MoAIPipeline.__call__`); beam search cannot stream."""
+    base = options.pop("generation_config", None)
+    generation = {k: options.pop(k) for k in list(options) if k not in _CALL_OPTION_NAMES}
+    settings = _settings(default, base, generation)
+    if settings.num_beams > 1:
+        raise GenerationError("beam search (num_beams > 1) cannot stream; use num_beams=1 or call the pipeline")
     return settings
 
 
@@ -238,30 +247,26 @@ class _Timer:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class MoAIPipeline:
+class MoAIPipeline(HubSettings):
     """Image + question -> :class:`~moai_sdk.results.MoAIResult`, with MoAI and its perception experts.
 
     Build it with :meth:`from_pretrained` (or the constructor); nothing is downloaded or loaded until first use (or
-    :meth:`load`). Call it with one image and one prompt (-> one result) or with lists (-> a list of results, run as
-    one left-padded batch).
+    :meth:`load`). One image and one prompt give one result; lists give a list, run as one left-padded batch.
 
     Args:
         model: Hub id (default ``"BK-Lee/MoAI-7B"``) or a local checkpoint folder (official layout).
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; used by the experts too.
-        dtype: model dtype, ``"auto"`` = float16 on CUDA, float32 on CPU.
-        quantization: ``"nf4"`` (default; the LLM's main weights in 4 bit), ``"nf4-lora"`` (also the PLoRA
-            adapters), ``"int8"``, ``"int4"`` (torchao), ``"official"`` or ``None``; without CUDA the model loads
-            unquantized (logged).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda[:N]"``, for the experts too; ``dtype``:
+            ``"auto"`` = float16 on CUDA, float32 on CPU.
+        quantization: ``"nf4"`` (default; the LLM's main weights in 4 bit), ``"nf4-lora"`` (also PLoRA), ``"int8"``,
+            ``"int4"`` (torchao), ``"official"`` or ``None``; without CUDA the model loads unquantized (logged).
         experts: ``"default"`` (Mask2Former, OWLv2, PSGTR, RapidOCR), a list of names or tasks, a dict by task with
             model ids / backends / thresholds, or ``None`` (see :func:`~moai_sdk.experts.selection.resolve_experts`).
         hub: :class:`~moai_sdk.hub.HubOptions` (or a dict); ``revision``, ``cache_dir``, ``local_files_only`` and
             ``token`` set its fields (and win). All but the revision apply to the experts too.
-        template: ``"chat"`` (the official benchmark template, default) or ``"demo"``.
-        cache: True / False / a size / an :class:`~moai_sdk.cache.ExpertCache` for the experts' outputs.
+        template: ``"chat"`` (default) or ``"demo"``; ``cache``: True / False / a size / an ``ExpertCache``.
         on_expert_error: ``"raise"`` or ``"warn"`` (a failing expert leaves its part empty, with a warning).
-        generation_config: generation defaults of every call; ``attn_implementation``: ``"sdpa"`` or ``"eager"``;
-        corrected_verbalization: fix the official verbalization's slips; ``keep_image``: keep the 490 x 490 frame
-            in the perception results (for plotting).
+        generation_config: every call's generation defaults; ``attn_implementation``: ``"sdpa"`` or ``"eager"``.
+        corrected_verbalization: fix the official verbalization's slips; ``keep_image``: keep the frame (to plot).
     """
 
     def __init__(
@@ -287,18 +292,15 @@ class MoAIPipeline:
     ) -> None:
         if not isinstance(model, (str, os.PathLike)) or not str(model):
             raise ConfigError(f"model must be a Hub id or a local checkpoint folder; got {model!r}")
-        if on_expert_error not in ("raise", "warn"):
-            raise ConfigError(f"on_expert_error must be 'raise' or 'warn'; got {on_expert_error!r}")
         self.model_id = str(model)
-        self.hub = HubOptions.from_any(
-            hub, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None
-        )
+        legacy = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None)
+        self.hub = HubOptions.from_any(hub, **legacy)  # the keywords win over ``hub``
         self.device = resolve_device(device)
         self.dtype = dtype
         self.quantization = _quantization_on(self.device, check_quantization(quantization))
         self.attn_implementation = check_attn_implementation(attn_implementation)
         self.template = check_template(template)
-        self.on_expert_error = on_expert_error
+        self.on_expert_error = check_on_expert_error(on_expert_error)
         self.corrected_verbalization = bool(corrected_verbalization)
         self.keep_image = bool(keep_image)
         self.generation_config = GenerationSettings.from_any(generation_config)
@@ -320,12 +322,6 @@ class MoAIPipeline:
         loaded until first use, unless ``load=True``."""
         pipe = cls(model, **options)
         return pipe.load() if load else pipe
-
-    # read-only views of ``self.hub``
-    revision = property(lambda self: self.hub.revision, doc="The model's revision (branch, tag or commit).")
-    cache_dir = property(lambda self: self.hub.cache_dir, doc="The Hugging Face cache folder (None: the default).")
-    token = property(lambda self: self.hub.token, doc="The Hub token (None: the saved login, if any).")
-    local_files_only = property(lambda self: self.hub.local_files_only, doc="Never download when True.")
 
     @property
     def model(self) -> MoAIForCausalLM:
@@ -401,20 +397,16 @@ class MoAIPipeline:
                     raise ConfigError(f"a quantized model cannot move; build the pipeline with device={str(dev)!r}")
                 self._model.to(dev)
             for exp in self.experts.values():
-                if exp.is_loaded:
-                    exp.load(dev)
-                else:
-                    exp.device = dev
+                exp.to(dev)
             self.device = dev
         return self
 
     def __repr__(self) -> str:
         state = "loaded" if self._model is not None else "not loaded"
-        experts = _describe(self.experts)
         return (
             f"MoAIPipeline(model={self.model_id!r}, revision={self.revision!r} [{state}], device={str(self.device)!r}, "
             f"dtype={str(self.dtype).replace('torch.', '')!r}, quantization={self.quantization!r}, "
-            f"template={self.template!r}, experts={experts}, cache={self.cache!r})"
+            f"template={self.template!r}, experts={_describe(self.experts)}, cache={self.cache!r})"
         )
 
     def _runner(self, experts: list[Expert]) -> Perception:
@@ -427,8 +419,7 @@ class MoAIPipeline:
         return self._runners[key]
 
     def _frames(self, images: Any, allow_remote: bool = False) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """Official resize of every image: uint8 [3, S, S] frames and the original (width, height); ``http(s)``
-        URLs are fetched only with ``allow_remote``."""
+        """Official resize of every image: uint8 [3, S, S] frames, original (width, height); URLs: ``allow_remote``."""
         size = self._processor.image_size if self._processor is not None else MOAI_IMAGE_SIZE
         if self._processor is None and self._model is not None:
             size = int(self._model.config.structure.image_size)
@@ -437,11 +428,8 @@ class MoAIPipeline:
     def perceive(
         self, images: Any, *, experts: Any = None, allow_remote: bool = False
     ) -> Union[PerceptionResult, list[PerceptionResult]]:
-        """Run the experts only (no language model): one :class:`PerceptionResult` per image.
-
-        ``images``: one image (PIL, path, bytes, numpy HWC uint8, torch CHW uint8; an ``http(s)`` URL with
-        ``allow_remote=True``) or a list; ``experts``: a subset of the configured experts (names or tasks).
-        """
+        """Run the experts only (no language model): one :class:`PerceptionResult` per image (PIL, path, bytes,
+        numpy HWC / torch CHW uint8, a URL with ``allow_remote``); ``experts``: a subset (names or tasks)."""
         chosen = select_experts(self.experts, experts)
         if not chosen:
             raise ConfigError("this pipeline has no experts to run; configure them with from_pretrained(experts=...)")
@@ -484,45 +472,36 @@ class MoAIPipeline:
         allow_remote: bool = False,
         **generation: Any,
     ) -> Union[MoAIResult, list[MoAIResult]]:
-        """Answer ``prompts`` about ``images``.
+        """Answer ``prompts`` about ``images``: one image and one prompt give a :class:`MoAIResult`; lists (one
+        each, or one shared) give a list, computed as one left-padded batch.
 
-        One image and one prompt give a :class:`MoAIResult`; a list of images and/or prompts (one each, or one
-        shared) gives a list, computed as one left-padded batch. Options:
+        * generation: the fields of :class:`~moai_sdk.modeling.GenerationSettings` (``max_new_tokens``,
+          ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``stop`` strings, ``seed`` -- drawn and recorded
+          when sampling without one --, ...) over ``generation_config`` (settings, dict or transformers config);
+        * ``template``: ``"chat"`` / ``"demo"`` (or one per row); ``experts``: a subset of the configured experts
+          (names or tasks), ``[]`` for none; ``perception``: precomputed results (one, or one per image) instead;
+        * ``on_token(ids)``: called after each step with every row's new token id (a [B] tensor; greedy and
+          sampling); an exception raised in it stops the generation and propagates;
+        * ``return_gates``: ``True`` / ``"tokens"`` (per token too) fills ``result.mixer`` with the gate weights;
+        * ``allow_special_tokens``: control strings in a prompt (``</s>``, ...) become control tokens (default:
+          plain text); ``allow_remote``: fetch ``http(s)://`` image URLs (timeout, byte cap; default off).
 
-        * generation: the fields of :class:`~moai_sdk.modeling.GenerationSettings` -- ``max_new_tokens``,
-          ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``num_beams``, ``repetition_penalty``, ``stop``
-          (strings that end the answer), ``seed`` (when sampling without one, a seed is drawn and recorded), ... --
-          over ``generation_config`` (settings, a dict or a transformers ``GenerationConfig``) over the defaults;
-        * ``template``: ``"chat"`` / ``"demo"`` (or one per row);
-        * ``perception``: precomputed :class:`PerceptionResult` (one, or one per image) -- the experts do not run;
-        * ``experts``: a subset of the configured experts (names or tasks) for this call; ``[]`` for none;
-        * ``on_token(ids)``: called after each generated step with the new token id of every row (a [B] tensor;
-          greedy and sampling only); an exception raised in it stops the generation and propagates;
-        * ``return_gates``: ``True`` / ``"tokens"`` (per token too): ``result.mixer`` holds the mixer's gate weights;
-        * ``allow_special_tokens``: control strings in a prompt (``</s>``, ``[UNUSED_TOKEN_145]``, ...) are plain
-          text by default; ``True`` makes them control tokens (for raw prompts);
-        * ``allow_remote``: fetch ``http(s)://`` image URLs (with a timeout and a byte cap, see
-          :func:`~moai_sdk.imageops.load_image_chw`); off by default.
-
-        The prompt, the image tokens and ``max_new_tokens`` must fit the model's context window; that is checked
-        before any compute (:class:`~moai_sdk.InputError` with the numbers).
+        Prompt + image tokens + ``max_new_tokens`` must fit the context window: checked before any compute.
         """
-        base = self.generation_config if generation_config is None else generation_config
-        settings = _settings(base, generation, on_token)
+        settings = _settings(self.generation_config, generation_config, generation, on_token)
         timer = _Timer(self.device)
         if self._model is None or self._processor is None:
             with timer.stage("load"):  # one-off, kept out of "total"
                 _ = self.processor, self.model
         t0 = time.perf_counter()
-        text_options = dict(max_new_tokens=settings.max_new_tokens, raw=bool(allow_special_tokens))
-        rows = self._prepare(images, prompts, template, perception, experts, timer, allow_remote, text_options)
+        raw, limit = bool(allow_special_tokens), settings.max_new_tokens
+        rows = self._prepare(images, prompts, template, perception, experts, timer, allow_remote, raw, limit)
         with explain.recording_gates(self.model, return_gates) as gate_weights:
             out = self._generate(rows.inputs, settings, timer, on_token)
         timer.timings["total"] = time.perf_counter() - t0
         texts = [self.answer_text(new, settings.stop) for new in out.new_tokens]
-        revision = (self._model.load_info.get("revision") if self._model is not None else None) or self.revision
-        shared = dict(model_id=self.model_id, revision=revision, seed=settings.seed, generation=settings.to_dict())
-        results = _results(rows, out, texts, timer.timings, gate_weights, return_gates, **shared)
+        shared = (settings, self.model_id, self.model.load_info.get("revision") or self.revision)
+        results = _results(rows, out, texts, timer.timings, gate_weights, return_gates, *shared)
         return results if _is_batch(images) or _is_batch(prompts) else results[0]
 
     def _prepare(
@@ -534,20 +513,15 @@ class MoAIPipeline:
         experts: Any,
         timer: _Timer,
         allow_remote: bool = False,
-        text_options: Optional[dict[str, Any]] = None,
+        raw: bool = False,
+        max_new_tokens: Optional[int] = None,
     ) -> _Prepared:
-        """Stages 1-3, before the language model: experts, verbalization, preprocess. ``text_options``
-        (``max_new_tokens``, ``raw``): the context window is checked first."""
-        text_options = text_options or {}
+        """Stages 1-3, before the language model: experts, verbalization, preprocess; ``raw`` prompts may hold
+        control tokens. With ``max_new_tokens`` the context window is checked first, before any compute."""
         image_list, prompt_list = _broadcast(split_images(images), split_images(prompts))
         template = template if template is not None else self.template
-        if "max_new_tokens" in text_options:  # the context window, before any compute
-            longest = max(
-                self.processor.prompt_lengths(prompt_list, template, text_options.get("raw", False)), default=0
-            )
-            check_context_length(
-                longest, self.processor.num_image_tokens, text_options["max_new_tokens"], self.model.config
-            )
+        if max_new_tokens is not None:
+            self.processor.check_context(prompt_list, template, max_new_tokens, self.model.config, raw)
         frames, sizes = self._frames(image_list, allow_remote)
         # 1. expert.<name>: each chosen expert on every frame, through the cache (unless perceptions are given)
         if perception is not None:
@@ -562,7 +536,6 @@ class MoAIPipeline:
         # 3. preprocess: prompts, aux texts, frames and panoptic maps -> model inputs
         with timer.stage("preprocess"):
             maps = [p.panoptic_color_map() if p is not None else None for p in perceptions]
-            raw = bool(text_options.get("raw", False))
             inputs = self.processor(
                 frames, prompt_list, aux_texts, maps, template=template, resize=False, allow_special_tokens=raw
             )
@@ -597,26 +570,18 @@ class MoAIPipeline:
             streamer=on_token,
             return_dict=True,
         )
-        timer.timings["prefill"] = float(out.timings.get("prefill", 0.0))
-        timer.timings["decode"] = float(out.timings.get("decode", 0.0))
+        timer.timings.update({key: float(out.timings.get(key, 0.0)) for key in ("prefill", "decode")})
         return out
 
     ablate = explain.ablate  # pipe.ablate(image, prompt, experts=None, return_gates=False, **options): one batch
 
     def stream(self, image: Any, prompt: str, **options: Any) -> Iterator[Union[str, MoAIResult]]:
-        """Answer one prompt about one image, yielding text pieces as tokens are generated, then the final
-        :class:`MoAIResult`. The pieces concatenate to ``result.text``.
-
-        Takes the options of :meth:`__call__` (greedy or sampling; beam search cannot stream). Stopping the
-        iteration early stops the generation.
-        """
+        """Answer one prompt about one image, yielding text pieces as tokens are generated (they concatenate to
+        ``result.text``), then the final :class:`MoAIResult`. Takes the options of :meth:`__call__` (greedy or
+        sampling; beam search cannot stream); stopping the iteration early stops the generation."""
         if _is_batch(image) or not isinstance(prompt, str):
             raise InputError("stream() answers one prompt about one image; call the pipeline for batches")
-        base = options.pop("generation_config", None)
-        generation = {k: options.pop(k) for k in list(options) if k not in _CALL_OPTION_NAMES}
-        settings = _settings(self.generation_config if base is None else base, generation)
-        if settings.num_beams > 1:
-            raise GenerationError("beam search (num_beams > 1) cannot stream; use num_beams=1 or call the pipeline")
+        settings = _stream_settings(self.generation_config, options)
         _ = self.tokenizer  # loaded in this thread before generation starts
         run = functools.partial(self, image, prompt, generation_config=settings, **options)  # run(on_token=...)
         yield from stream_in_thread(run, AnswerStream(self._decode, settings.stop))

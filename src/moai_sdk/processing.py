@@ -27,7 +27,8 @@ import torch
 from .devices import parse_dtype
 from .errors import ConfigError, InputError
 from .hub import HubOptions, read_json_object
-from .imageops import CLIP_MEAN, CLIP_STD, MOAI_IMAGE_SIZE, load_image_chw, prepare_image, split_images
+from .imageops import CLIP_MEAN, CLIP_STD, MOAI_IMAGE_SIZE, load_image_chw, per_row, prepare_image, split_images
+from .modeling.generation import check_context_length
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_template, prompt_parts
 from .tokenization import MoAITokenizer, resolve_model_file
 from .verbalization import EMPTY_VERBALIZATION
@@ -409,6 +410,14 @@ class MoAIProcessor:
             lengths.append(len(ids) - 1)
         return lengths
 
+    def check_context(
+        self, prompts: Sequence[str], template: str | Sequence[str], max_new_tokens: int, config: Any, raw: bool = False
+    ) -> None:
+        """Refuse, before any compute, prompts whose longest one + the image tokens + ``max_new_tokens`` exceed the
+        context window of the model ``config`` (:func:`~moai_sdk.modeling.generation.check_context_length`)."""
+        longest = max(self.prompt_lengths(prompts, template, raw), default=0)
+        check_context_length(longest, self.num_image_tokens, max_new_tokens, config)
+
     # ------------------------------------------------------------------ main entry point
     def __call__(
         self,
@@ -506,17 +515,7 @@ class MoAIProcessor:
             return [values] * batch
         if not isinstance(values, (list, tuple)):
             raise InputError(f"{name} must be a str or a list of str; got {type(values).__name__}")
-        items = list(values)
-        if len(items) == 1 and batch > 1:
-            items = items * batch
-        if len(items) != batch:
-            raise InputError(f"got {len(items)} {name} for {batch} images; pass one per image or a single one")
-        for i, item in enumerate(items):
-            if item is None and allow_none:
-                continue
-            if not isinstance(item, str):
-                raise InputError(f"{name}[{i}] must be a str; got {type(item).__name__}")
-        return items
+        return per_row(values, batch, name, str, name=name, allow_none=allow_none)
 
 
 __all__ = [

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ValidationError
 from .. import hub as hubio
 from ..cache import ExpertCache, image_digest
 from ..errors import ConfigError, ExpertError, InputError, MoAIError
-from ..hub import HubOptions
+from ..hub import HubOptions, HubSettings
 from ..imageops import MOAI_IMAGE_SIZE, prepare_frames
 from ..results import TASKS, PerceptionResult
 from .settings import settings_from_defaults, validate_settings
@@ -100,7 +100,7 @@ def frame_result(frame: torch.Tensor, **fields: Any) -> PerceptionResult:
     return PerceptionResult(image_width=w, image_height=h, frame_width=w, frame_height=h, **fields)
 
 
-class Expert(ABC):
+class Expert(HubSettings, ABC):
     """Base class of perception experts.
 
     Class attributes: ``name`` (registry name), ``task`` (one of :data:`~moai_sdk.results.TASKS`),
@@ -164,24 +164,6 @@ class Expert(ABC):
         """The class's settings model: ``Settings``, else one derived from ``default_settings``."""
         return cls.Settings if cls.Settings is not None else settings_from_defaults(cls, cls.default_settings)
 
-    # --- Hub options (read-only views of ``self.hub``) ---------------------------------------------------------
-
-    @property
-    def revision(self) -> Optional[str]:
-        return self.hub.revision
-
-    @property
-    def cache_dir(self) -> Optional[str]:
-        return self.hub.cache_dir
-
-    @property
-    def token(self) -> Union[str, bool, None]:
-        return self.hub.token
-
-    @property
-    def local_files_only(self) -> bool:
-        return self.hub.local_files_only
-
     # --- lifecycle ----------------------------------------------------------------------------------------
 
     @property
@@ -225,6 +207,14 @@ class Expert(ABC):
                 self._unload()
                 self._loaded = False
                 logger.info("unloaded expert %s", self.name)
+
+    def to(self, device: Union[str, torch.device]) -> Expert:
+        """Use ``device`` from now on: a loaded model is loaded again there, an unloaded one will load there."""
+        with self._lock:
+            if self._loaded:
+                return self.load(device)
+            self.device = torch.device(device)
+            return self
 
     @property
     def compute_device_type(self) -> str:
@@ -398,6 +388,13 @@ _REGISTRY: dict[str, type[Expert]] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+def check_on_expert_error(value: Any) -> str:
+    """``value`` if it is an ``on_expert_error`` policy (``"raise"`` or ``"warn"``), else a :class:`ConfigError`."""
+    if value not in ("raise", "warn"):
+        raise ConfigError(f"on_expert_error must be 'raise' or 'warn'; got {value!r}")
+    return value
+
+
 def register_expert(cls: Optional[type[Expert]] = None, *, replace: bool = False):
     """Register an :class:`Expert` subclass under its ``name``; usable as ``@register_expert``.
 
@@ -507,8 +504,7 @@ class Perception:
         cache_size: int = 0,
         cache: Optional[ExpertCache] = None,
     ) -> None:
-        if on_expert_error not in ("raise", "warn"):
-            raise ConfigError(f"on_expert_error must be 'raise' or 'warn'; got {on_expert_error!r}")
+        check_on_expert_error(on_expert_error)
         if isinstance(experts, (str, Expert)):
             experts = [experts]
         built: list[Expert] = []
@@ -712,6 +708,7 @@ def predict_cached(
 
 __all__ = [
     "Expert",
+    "check_on_expert_error",
     "register_expert",
     "unregister_expert",
     "create_expert",
