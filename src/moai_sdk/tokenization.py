@@ -17,7 +17,6 @@ alone (no remote code):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError, DependencyError, InputError
-from .hub import HubOptions, resolve_file
+from .hub import HubOptions, read_json_object, resolve_file
 from .prompts import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -207,12 +206,7 @@ class MoAITokenizer:
 
     @staticmethod
     def _read_config(path: Path) -> dict[str, Any]:
-        try:
-            cfg = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {str(path)!r}: {exc}") from exc
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{str(path)!r} must hold a JSON object")
+        cfg = read_json_object(path)
         cls_name = cfg.get("tokenizer_class")
         if cls_name not in (None, "MoAITokenizer", "InternLM2Tokenizer", "InternLMTokenizer"):
             logger.warning("tokenizer_config.json names %r; reading it as the InternLM2/MoAI tokenizer", cls_name)

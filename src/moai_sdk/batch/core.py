@@ -141,6 +141,17 @@ def decode_all(
     return out
 
 
+def run_error_free(
+    fn: Callable[[list[int]], Sequence[R]], errors: Sequence[Optional[str]]
+) -> list[tuple[Optional[R], Optional[str]]]:
+    """:func:`run_isolated` on the indices of the rows without an error; the other rows keep their error."""
+    todo = [i for i, e in enumerate(errors) if e is None]
+    out: list[tuple[Optional[R], Optional[str]]] = [(None, e) for e in errors]
+    for i, outcome in zip(todo, run_isolated(fn, todo)):
+        out[i] = outcome
+    return out
+
+
 def answer(
     pipe: MoAIPipeline,
     images: Sequence[Optional[torch.Tensor]],
@@ -153,7 +164,6 @@ def answer(
 
     ``perceptions``: precomputed perception per row (the experts then do not run), or ``None``.
     """
-    todo = [i for i, e in enumerate(errors) if e is None]
 
     def call(idx: list[int]) -> list[MoAIResult]:
         kwargs = dict(generation)
@@ -161,10 +171,7 @@ def answer(
             kwargs["perception"] = [perceptions[i] for i in idx]
         return pipe([images[i] for i in idx], [prompts[i] for i in idx], **kwargs)
 
-    out: list[tuple[Optional[MoAIResult], Optional[str]]] = [(None, e) for e in errors]
-    for i, outcome in zip(todo, run_isolated(call, todo)):
-        out[i] = outcome
-    return out
+    return run_error_free(call, errors)
 
 
 def perceive(
@@ -174,15 +181,11 @@ def perceive(
     experts: Optional[Sequence[str]] = None,
 ) -> list[tuple[Optional[PerceptionResult], Optional[str]]]:
     """Run the experts (all configured ones, or the ``experts`` subset) on every row without an error."""
-    todo = [i for i, e in enumerate(errors) if e is None]
 
     def call(idx: list[int]) -> list[PerceptionResult]:
         return pipe.perceive([images[i] for i in idx], experts=list(experts) if experts is not None else None)
 
-    out: list[tuple[Optional[PerceptionResult], Optional[str]]] = [(None, e) for e in errors]
-    for i, outcome in zip(todo, run_isolated(call, todo)):
-        out[i] = outcome
-    return out
+    return run_error_free(call, errors)
 
 
 def result_row(
@@ -231,6 +234,7 @@ __all__ = [
     "encode_png_data_url",
     "load_source",
     "run_isolated",
+    "run_error_free",
     "decode_all",
     "answer",
     "perceive",
