@@ -6,6 +6,9 @@ there is one, the fix.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class MoAIError(Exception):
     """Base class of every error raised by moai-sdk."""
@@ -50,6 +53,15 @@ class ExpertError(MoAIError):
 
 class GenerationError(MoAIError):
     """Generation settings are invalid or generation could not proceed."""
+
+
+def import_optional(module: str, need: str) -> ModuleType:
+    """``module`` imported, or a :class:`DependencyError` with ``need`` (what needs it and how to install it): the
+    one way the package imports an optional dependency."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DependencyError(need) from exc
 
 
 __all__ = [

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
+from ..errors import InputError, import_optional
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +152,7 @@ def _read_manifest(path: Path, kind: str) -> list[dict[str, Any]]:
     if kind == "csv":
         with path.open("r", encoding="utf-8", newline="") as fh:
             return [dict(row) for row in csv.DictReader(fh)]
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise DependencyError("reading a Parquet manifest needs pyarrow: pip install 'moai-sdk[parquet]'") from exc
+    pq = import_optional("pyarrow.parquet", "reading a Parquet manifest needs pyarrow: pip install 'moai-sdk[parquet]'")
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
@@ -249,10 +246,7 @@ def _b64(payload: str, fallback: Optional[str]) -> Union[bytes, str]:
 
 
 def _open_video(path: Path) -> Any:
-    try:
-        import av
-    except ImportError as exc:
-        raise DependencyError("reading a video needs PyAV: pip install 'moai-sdk[video]'") from exc
+    av = import_optional("av", "reading a video needs PyAV: pip install 'moai-sdk[video]'")
     try:
         return av.open(str(path))
     except Exception as exc:  # av raises its own error classes (InvalidDataError, ...)

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import DependencyError, InputError
+from ..errors import InputError, import_optional
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,7 @@ def read_rows(path: Union[str, Path]) -> list[dict[str, Any]]:
 
 
 def _parquet() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise DependencyError("Parquet output needs pyarrow: pip install 'moai-sdk[parquet]'") from exc
-    return pq
+    return import_optional("pyarrow.parquet", "Parquet output needs pyarrow: pip install 'moai-sdk[parquet]'")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DependencyError
+from ..errors import ConfigError, import_optional
 from .core import PipelineSpec, encode_png_data_url
 from .inputs import BatchItem
 from .output import OutputWriter
@@ -40,12 +40,8 @@ DEFAULT_MAX_RESTARTS = 4
 
 def import_ray() -> Any:
     """``ray`` (with Ray Data), or a :class:`DependencyError` saying how to install it."""
-    try:
-        import ray
-        import ray.data  # Ray Data is the ray[data] extra
-    except ImportError as exc:
-        raise DependencyError("the Ray runner needs Ray Data: pip install 'moai-sdk[ray]'") from exc
-    return ray
+    import_optional("ray.data", "the Ray runner needs Ray Data: pip install 'moai-sdk[ray]'")  # the ray[data] extra
+    return import_optional("ray", "the Ray runner needs Ray: pip install 'moai-sdk[ray]'")
 
 
 def _image_text(image: Any) -> str:
