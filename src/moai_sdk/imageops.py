@@ -254,35 +254,38 @@ def load_image_chw(
 
 
 def _array_to_chw(image: np.ndarray) -> torch.Tensor:
-    arr = image
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise InputError(f"numpy images must be HWC with 1, 3 or 4 channels; got shape {tuple(image.shape)}")
-    if arr.dtype != np.uint8:
-        raise InputError(f"numpy images must be uint8 (0-255); got {arr.dtype}. Use (x * 255).astype(np.uint8)")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise InputError(f"the numpy image is empty (shape {tuple(image.shape)})")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
+    arr = image[:, :, None] if image.ndim == 2 else image
+    chw = (arr.shape[2], *arr.shape[:2]) if arr.ndim == 3 else arr.shape
+    cast = f"{arr.dtype}. Use (x * 255).astype(np.uint8)"
+    _check_image_array("numpy images must be HWC", chw, image.shape, arr.dtype == np.uint8, cast)
     if not arr.flags.writeable:
         arr = arr.copy()
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return _rgb(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
 
 
 def _tensor_to_chw(image: torch.Tensor) -> torch.Tensor:
     t = image.detach().cpu()
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-        raise InputError(f"torch images must be CHW with 1, 3 or 4 channels; got shape {tuple(image.shape)}")
-    if t.dtype != torch.uint8:
-        raise InputError(f"torch images must be uint8 (0-255); got {t.dtype}. Use (x * 255).round().to(torch.uint8)")
-    if t.shape[1] == 0 or t.shape[2] == 0:
-        raise InputError(f"the torch image is empty (shape {tuple(image.shape)})")
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    return t.contiguous()
+    t = t[None] if t.ndim == 2 else t
+    cast = f"{t.dtype}. Use (x * 255).round().to(torch.uint8)"
+    _check_image_array("torch images must be CHW", tuple(t.shape), image.shape, t.dtype == torch.uint8, cast)
+    return _rgb(t)
+
+
+def _check_image_array(layout: str, chw: Sequence[int], shape: Any, uint8: bool, got: str) -> None:
+    """The one rule for numpy and torch images (``chw``: their shape in CHW order): 1, 3 or 4 channels, uint8,
+    not empty; ``layout`` and ``got`` (the dtype and the cast to use) word the error."""
+    kind = layout.split()[0]
+    if len(chw) != 3 or chw[0] not in (1, 3, 4):
+        raise InputError(f"{layout} with 1, 3 or 4 channels; got shape {tuple(shape)}")
+    if not uint8:
+        raise InputError(f"{kind} images must be uint8 (0-255); got {got}")
+    if chw[1] == 0 or chw[2] == 0:
+        raise InputError(f"the {kind} image is empty (shape {tuple(shape)})")
+
+
+def _rgb(chw: torch.Tensor) -> torch.Tensor:
+    """A contiguous CHW image, grey repeated to RGB."""
+    return (chw.expand(3, -1, -1) if chw.shape[0] == 1 else chw).contiguous()
 
 
 def official_resize(chw: torch.Tensor, size: int = MOAI_IMAGE_SIZE) -> torch.Tensor:
