@@ -9,15 +9,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..testing.tiny_experts import (
-    TINY_IMAGE_SIZE,
-    TINY_OWLV2_MAX_TOKENS,
-    TINY_PSGTR_ARCHITECTURE,
-    build_tiny_mask2former,
-    build_tiny_owlv2,
-    build_tiny_psgtr,
-    tiny_psgtr_settings,
-)
+from ..testing import tiny_experts as _moved
 
 warnings.warn(
     "moai_sdk.experts.tiny is deprecated; import the tiny builders from moai_sdk.testing",
@@ -25,12 +17,9 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = [
-    "TINY_IMAGE_SIZE",
-    "TINY_OWLV2_MAX_TOKENS",
-    "TINY_PSGTR_ARCHITECTURE",
-    "build_tiny_mask2former",
-    "build_tiny_owlv2",
-    "build_tiny_psgtr",
-    "tiny_psgtr_settings",
-]
+__all__ = list(_moved.__all__)
+
+
+def __getattr__(name: str):
+    """Forward every name to :mod:`moai_sdk.testing.tiny_experts`."""
+    return getattr(_moved, name)

@@ -268,15 +268,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _header(cid: str, kind: str, created: int, model: str) -> dict[str, Any]:
+    """The keys every chat-completion object and chunk starts with."""
+    return {"id": cid, "object": kind, "created": created, "model": model}
+
+
 def completion(
     cid: str, model: str, created: int, text: str, finish_reason: str, use: dict[str, int], moai: Optional[dict]
 ) -> dict[str, Any]:
     """A ``chat.completion`` object."""
     body: dict[str, Any] = {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
+        **_header(cid, "chat.completion", created, model),
         "choices": [
             {
                 "index": 0,
@@ -306,10 +308,7 @@ def chunk(
 ) -> dict[str, Any]:
     """A ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk with no choices."""
     body: dict[str, Any] = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
+        **_header(cid, "chat.completion.chunk", created, model),
         "choices": []
         if delta is None
         else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
