@@ -70,18 +70,24 @@ class ServerProcess:
     """``moai serve --tiny DIR`` in a subprocess (log in ``log``)."""
 
     def __init__(
-        self, tiny: Path, log: Path, flags: Sequence[str], threads: Optional[int] = None, startup_s: float = 600.0
+        self,
+        tiny: Path,
+        log: Path,
+        flags: Sequence[str],
+        threads: Optional[int] = None,
+        startup_s: float = 600.0,
+        env: Optional[dict[str, str]] = None,
     ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "moai_sdk.cli", "serve", "--tiny", str(tiny), "--port", str(self.port)]
-        cmd += ["--log-level", "warning", "--max-queue", "1024", *flags]
+        cmd += ["--log-level", "warning", *flags]
         self._log = open(log, "wb")  # closed in stop()
         self.log_path = log
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         if threads:  # torch's intra-op threads (OpenMP) in the server
-            env["OMP_NUM_THREADS"] = str(threads)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+            environment["OMP_NUM_THREADS"] = str(threads)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -243,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     if args.experts != "none":
         build_tiny_experts(work / "experts")
     urls = image_urls(args.images)
-    common = ["--experts", args.experts, "--batch-timeout-ms", str(args.batch_timeout_ms)]
+    common = ["--experts", args.experts, "--batch-timeout-ms", str(args.batch_timeout_ms), "--max-queue", "1024"]
     servers: dict[str, ServerProcess] = {}
     rows: list[dict[str, Any]] = []
     try:

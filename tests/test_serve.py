@@ -18,7 +18,6 @@ import io
 import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +30,8 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+from benchmarks.serve import ServerProcess  # noqa: E402
 
 from moai_sdk import PerceptionResult  # noqa: E402
 from moai_sdk.testing import demo_image, tiny_pipeline  # noqa: E402
@@ -68,12 +69,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(word: str, size: tuple[int, int] = (320, 240)) -> bytes:
     buf = io.BytesIO()
     demo_image(word, size).save(buf, format="PNG")
@@ -93,53 +88,23 @@ def _messages(prompt: str, url: str) -> list[dict]:
     ]
 
 
-class Server:
-    """``moai serve --tiny DIR ...`` in a subprocess; stopped (and its log shown on failure) by the fixture."""
+class Server(ServerProcess):
+    """``moai serve --tiny DIR ...`` in a subprocess (the benchmark's :class:`ServerProcess`), with the ``openai``
+    client; a failed start fails the test with the server's log."""
 
     def __init__(self, tiny_dir: Path, log: Path, *flags: str, env: dict | None = None) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "moai_sdk.cli", "serve", "--tiny", str(tiny_dir), "--port", str(self.port)]
-        cmd += ["--log-level", "warning", *flags]
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self._log_file = open(log, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=environment)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"moai serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.base + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"moai serve was not ready within {STARTUP_S}s:\n{self.log.read_text()[-4000:]}")
+        try:
+            super().__init__(tiny_dir, log, flags, startup_s=STARTUP_S, env=env)
+        except RuntimeError as exc:
+            pytest.fail(f"{exc}:\n{log.read_text()[-4000:]}")
 
     def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
         options = {"max_retries": 0, "timeout": 300, **kwargs}
         return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, **options)
 
-    def metrics(self) -> str:
-        return httpx.get(self.base + "/metrics", timeout=10).text
-
     def healthy(self) -> bool:
         return httpx.get(self.base + "/health", timeout=10).json()["status"] == "ok"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log_file.close()
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
