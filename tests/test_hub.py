@@ -72,13 +72,16 @@ def test_env_offline_reads_hf_hub_offline_now(value, expected, monkeypatch):
     assert HubOptions().kwargs()["local_files_only"] is expected
 
 
-def test_hub_options_validate_and_combine(tmp_path):
+def test_hub_options_validate_and_combine(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # kwargs() folds the environment in; CI sets it to 1
     opts = HubOptions.from_any({"revision": "v1", "cache_dir": tmp_path}, token="t")
     assert opts == HubOptions(revision="v1", cache_dir=str(tmp_path), token="t") and isinstance(opts.cache_dir, str)
     assert HubOptions.from_any(opts, revision=None) == opts  # None leaves a setting as it is
     assert HubOptions.from_any(opts, revision="main").revision == "main"  # a keyword that is given wins
     assert opts.replace(revision=None).revision is None and opts.revision == "v1"  # frozen: replace copies
     assert opts.kwargs() == {"revision": "v1", "cache_dir": str(tmp_path), "token": "t", "local_files_only": False}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert opts.kwargs()["local_files_only"] is True and opts.local_files_only is False  # read now, not stored
     with pytest.raises(ConfigError, match="revision must be a non-empty string"):
         HubOptions(revision="")
     with pytest.raises(ConfigError, match="cache_dir must be a folder path"):
