@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -243,6 +244,17 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
             raise APIError(503, "the model is still loading; retry shortly (GET /health)", code="loading")
         return scheduler
 
+    async def request_image(ref: str, param: str, **extra: Any) -> torch.Tensor:
+        """The image a request refers to, within this server's size / remote-fetch policy."""
+        return await load_request_image(
+            ref,
+            param=param,
+            max_bytes=config.max_image_bytes,
+            allow_remote=config.allow_remote_images,
+            remote_timeout=config.remote_timeout,
+            **extra,
+        )
+
     async def next_event(job: Job, request: Optional[Request], deadline: float) -> tuple[str, Any]:
         """The job's next event; 504 past ``deadline``; 499 (no body) when the client left meanwhile."""
         while True:
@@ -286,14 +298,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         sched = ready()
         sched.check_capacity()
         with sched.preparing():
-            image = await load_request_image(
-                body.image,
-                max_bytes=config.max_image_bytes,
-                allow_remote=config.allow_remote_images,
-                remote_timeout=config.remote_timeout,
-                allow_bare_base64=True,
-                param="image",
-            )
+            image = await request_image(body.image, "image", allow_bare_base64=True)
             job = Job("perceive", image, asyncio.get_running_loop(), experts=body.experts)
             sched.submit(job)
         try:
@@ -320,13 +325,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         prompt, image_ref = parse_messages(body.messages)
         settings = generation_settings(body, pipe.generation_config)
         with sched.preparing():
-            image = await load_request_image(
-                image_ref,
-                max_bytes=config.max_image_bytes,
-                allow_remote=config.allow_remote_images,
-                remote_timeout=config.remote_timeout,
-                param="messages[0].content",
-            )
+            image = await request_image(image_ref, "messages[0].content")
             requested = body.max_completion_tokens is not None or body.max_tokens is not None
             context = await run_in_threadpool(sched.context_tokens, prompt)
             settings = _fit_context(settings, context, sched.info.max_context, requested)

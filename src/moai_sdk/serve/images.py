@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import anyio
 import httpx
@@ -134,20 +134,10 @@ def decode_image(raw: bytes, param: str = "image_url") -> torch.Tensor:
 async def load_request_image(
     ref: str,
     *,
-    max_bytes: int,
-    allow_remote: bool,
-    remote_timeout: float = 10.0,
-    allow_bare_base64: bool = False,
     param: str = "image_url",
     limiter: Optional[anyio.CapacityLimiter] = None,
+    **fetch: Any,
 ) -> torch.Tensor:
-    """Fetch / decode the image of a request off the event loop."""
-    raw = await image_bytes(
-        ref,
-        max_bytes=max_bytes,
-        allow_remote=allow_remote,
-        remote_timeout=remote_timeout,
-        allow_bare_base64=allow_bare_base64,
-        param=param,
-    )
+    """Fetch / decode the image of a request off the event loop (``fetch``: the keywords of :func:`image_bytes`)."""
+    raw = await image_bytes(ref, param=param, **fetch)
     return await anyio.to_thread.run_sync(decode_image, raw, param, limiter=limiter)

@@ -95,36 +95,29 @@ class Answer:
     batch_size: int
 
 
+@dataclass(eq=False)
 class Job:
     """One request for the model thread: its inputs, its event queue (read on the event loop) and its state."""
 
-    def __init__(
-        self,
-        kind: str,
-        image: Any,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        prompt: Optional[str] = None,
-        settings: Optional[GenerationSettings] = None,
-        stream: bool = False,
-        experts: Optional[list[str]] = None,
-    ) -> None:
-        self.id = uuid.uuid4().hex
-        self.kind = kind
-        self.image = image
-        self.prompt = prompt
-        self.settings = settings
-        self.stream = stream
-        self.experts = experts
-        self.arrived = time.perf_counter()
-        self.started: Optional[float] = None
-        self.first_text: Optional[float] = None
-        self.key: Hashable = batch_key(settings) if kind == "chat" else ("perceive", tuple(experts or ()))
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._ended = False
+    kind: str
+    image: Any
+    _loop: asyncio.AbstractEventLoop = dataclasses.field(repr=False)
+    prompt: Optional[str] = dataclasses.field(default=None, kw_only=True)
+    settings: Optional[GenerationSettings] = dataclasses.field(default=None, kw_only=True)
+    stream: bool = dataclasses.field(default=False, kw_only=True)
+    experts: Optional[list[str]] = dataclasses.field(default=None, kw_only=True)
+    id: str = dataclasses.field(init=False, default_factory=lambda: uuid.uuid4().hex)
+    arrived: float = dataclasses.field(init=False, default_factory=time.perf_counter)
+    started: Optional[float] = dataclasses.field(init=False, default=None)
+    first_text: Optional[float] = dataclasses.field(init=False, default=None)
+    events: asyncio.Queue = dataclasses.field(init=False, repr=False, default_factory=asyncio.Queue)
+    cancelled: threading.Event = dataclasses.field(init=False, repr=False, default_factory=threading.Event)
+    _lock: threading.Lock = dataclasses.field(init=False, repr=False, default_factory=threading.Lock)
+    _ended: bool = dataclasses.field(init=False, repr=False, default=False)
+
+    def __post_init__(self) -> None:
+        chat = self.kind == "chat"
+        self.key: Hashable = batch_key(self.settings) if chat else ("perceive", tuple(self.experts or ()))
 
     @property
     def max_new_tokens(self) -> int:
