@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -57,6 +58,14 @@ def _image_text(image: Any) -> str:
     raise ConfigError(f"cannot send an image of type {type(image).__name__} to Ray; use a path, URL, bytes or array")
 
 
+def _map_batches(ds: Any, fn: Any, **options: Any) -> Any:
+    """``ds.map_batches`` without Ray's deprecation warning for ``max_restarts`` / ``max_task_retries``: a bounded
+    restart count has no named parameter yet (Ray 2.60), and Ray's own default restarts a crashing actor forever."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **options)
+
+
 def build_dataset(
     ds: Any,
     pipeline: PipelineSpec,
@@ -90,14 +99,16 @@ def build_dataset(
     model_stage = dict(common, num_cpus=num_cpus_per_actor)
     if num_gpus_per_actor > 0:
         model_stage["num_gpus"] = num_gpus_per_actor
-    ds = ds.map_batches(
+    ds = _map_batches(
+        ds,
         PerceptionPredictor,
         fn_constructor_kwargs=dict(pipeline=pipeline, exclude=list(cpu_experts), allow_remote=allow_remote),
         **model_stage,
     )
     columns = ["perception"]
     if cpu_experts:
-        ds = ds.map_batches(
+        ds = _map_batches(
+            ds,
             PerceptionPredictor,
             fn_constructor_kwargs=dict(
                 pipeline=pipeline,
@@ -109,7 +120,8 @@ def build_dataset(
             **dict(common, num_cpus=num_cpus_per_actor),
         )
         columns.append("perception_cpu")
-    return ds.map_batches(
+    return _map_batches(
+        ds,
         MoAIPredictor,
         fn_constructor_kwargs=dict(
             pipeline=pipeline,
