@@ -55,6 +55,7 @@ import torch
 
 from . import explain
 from .cache import ExpertCache
+from .defaults import DEFAULT_MODEL_ID
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import ConfigError, GenerationError, InputError
 from .experts.base import Expert, Perception, check_on_expert_error
@@ -75,9 +76,6 @@ from .tokenization import MoAITokenizer
 from .verbalization import EMPTY_VERBALIZATION, verbalize
 
 logger = logging.getLogger(__name__)
-
-#: The released MoAI checkpoint on the Hugging Face Hub.
-DEFAULT_MODEL_ID = "BK-Lee/MoAI-7B"
 
 #: Generation settings of the official demo (sampling) and of the official benchmark scripts (beam search).
 OFFICIAL_DEMO_GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.9, "top_p": 0.95, "max_new_tokens": 256}

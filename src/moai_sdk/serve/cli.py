@@ -1,6 +1,7 @@
 """The ``moai serve`` command: its arguments and how it runs the server under uvicorn.
 
-``moai_sdk.cli`` registers it with :func:`add_parser` and dispatches to :func:`run`. The pipeline options
+``moai_sdk.cli`` registers it (:data:`moai_sdk.cli.COMMANDS`: :func:`add_arguments`, handler :func:`run`), so this
+module is imported to build the ``moai`` parser and imports only light modules at module level. The pipeline options
 (``--model``, ``--quantization``, ``--device``, ``--experts``, ``--tiny`` ...) come from
 :mod:`moai_sdk.cli_options`, spelled as in every other command. Neither FastAPI nor uvicorn is imported until the
 server starts.
@@ -30,13 +31,11 @@ DESCRIPTION = """\
 Serve MoAI over HTTP with an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) plus
 POST /v1/perceive, GET /health and GET /metrics. Requests that arrive together run as one batched pipeline call.
 Binds 127.0.0.1 unless told otherwise; remote image URLs are refused unless --allow-remote-images."""
+HELP = "an OpenAI-compatible HTTP server with dynamic batching"
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``serve`` command to ``subparsers`` (an ``argparse`` sub-parser action)."""
-    p = subparsers.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server with dynamic batching", description=DESCRIPTION
-    )
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``moai serve`` to its sub-parser ``p``."""
     p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="Hub id or checkpoint folder")
     add_model_options(p)
     add_hub_options(p)
