@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,32 @@ def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+_PROGRESS_BAR = re.compile(r"^[^|]*\d+%\|.*\| *\d+/\d+ \[")  # tqdm: "Loading weights: 100%|███| 66/66 [00:00<...]"
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """The stderr lines that are neither ours (``moai...``: the command's own lines and moai_sdk's loggers) nor a
+    progress bar: third-party warnings and log records (torch's ``W1208 ... _pytree.py`` lines, Python warnings)."""
+    pieces = (piece.strip() for line in stderr.splitlines() for piece in line.split("\r"))
+    return [p for p in pieces if p and not p.startswith("moai") and not _PROGRESS_BAR.match(p)]
+
+
+def test_foreign_lines_keeps_ours_and_progress_bars_and_reports_the_rest():
+    torch_notice = (
+        "W1208 01:25:21.567000 9199 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum subclass and is "
+        "now natively supported by torch.compile as an opaque value type."
+    )
+    py_warning = "/x/site-packages/foo.py:3: FutureWarning: `bar` is deprecated"
+    stderr = (
+        "moai demo: a tiny randomly initialised MoAI\n"
+        f"{torch_notice}\n"
+        "\rLoading weights:   0%|          | 0/66 [00:00<?, ?it/s]\rLoading weights: 100%|##########| 66/66 [00:00<00:00]\n"
+        "moai: WARNING: scene graph expert not configured\n"
+        f"{py_warning}\n"
+    )
+    assert foreign_lines(stderr) == [torch_notice, py_warning]
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +80,7 @@ def test_demo_prints_a_typed_result_and_writes_the_picture(tmp_path):
     assert 1 <= result.token_counts["generated"] <= 4
     assert "random" in proc.stderr  # the demo says its answer is random tokens
     assert Image.open(picture).size == (490, 490)
+    assert foreign_lines(proc.stderr) == []  # no third-party warnings (torchao's pytree notices) between our lines
 
 
 def test_perceive_json_reads_rendered_text(text_image):
@@ -96,6 +124,7 @@ def test_run_on_the_tiny_model_streams_and_prints_json(tiny_root, text_image, tm
     assert 1 <= len(result.new_token_ids) <= 5
     assert proc.stderr.endswith(result.text + "\n")  # with --json the streamed pieces go to stderr
     assert picture.is_file()
+    assert foreign_lines(proc.stderr[: -len(result.text + "\n")]) == []
 
 
 @pytest.mark.parametrize(
@@ -256,3 +285,24 @@ def test_parse_experts():
         parse_experts("{bad json")
     with pytest.raises(InputError):
         parse_experts("owlv2=")
+
+
+def test_only_torchaos_enum_notices_are_dropped():
+    """The filter moai_sdk installs on torch's pytree logger drops torchao's two notices, nothing else."""
+    import enum
+    import logging
+
+    import moai_sdk
+
+    [quiet] = [f for f in logging.getLogger("torch.utils._pytree").filters if type(f).__name__ == "_TorchaoEnumNotice"]
+    message = "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type."
+
+    def record(cls, msg=message):
+        return logging.LogRecord("torch.utils._pytree", logging.WARNING, "_pytree.py", 630, msg, (cls,), None)
+
+    ours = enum.Enum("Mine", "A B")  # defined here: not torchao's
+    theirs = enum.Enum("KernelPreference", "AUTO", module="torchao.quantization.quantize_.common.kernel_preference")
+    assert quiet.filter(record(theirs)) is False
+    assert quiet.filter(record(ours)) is True
+    assert quiet.filter(record(theirs, "%s is registered twice")) is True
+    assert moai_sdk.__version__  # the filter is installed by importing the package

@@ -6,6 +6,7 @@ Public names are importable from here; heavy modules (torch models, transformers
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from . import errors
@@ -22,6 +23,26 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+
+class _TorchaoEnumNotice(logging.Filter):
+    """Drops torch's notice that *torchao* registers its Enum classes with pytree (deprecated since torch 2.10).
+
+    transformers' ``modeling_utils`` imports torchao whenever it is installed (for its quantizer registry), so the
+    first transformers model we build (the CLIP tower, an expert) would print two ``torch/utils/_pytree.py``
+    warnings about ``KernelPreference`` / ``ScaleCalculationMode`` that concern torchao's code and that no user
+    can act on. Only those records are dropped: the message and the enum's module must both match.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("%s is an Enum subclass and is now natively")):
+            return True
+        cls = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not str(getattr(cls, "__module__", "")).startswith("torchao")
+
+
+if not any(isinstance(f, _TorchaoEnumNotice) for f in logging.getLogger("torch.utils._pytree").filters):
+    logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
 _LAZY: dict[str, str] = {
     # model

@@ -642,7 +642,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _write(_summary(result))
         if args.plot:
             result.save(args.plot)
-            _write(f"picture written to {args.plot}\n", sys.stderr)
+            _write(f"moai demo: picture written to {args.plot}\n", sys.stderr)
     return 0
 
 
