@@ -158,6 +158,9 @@ def test_health_models_and_metrics(served):
     assert [m.id for m in models.data] == [MODEL]
     text = served.metrics()
     assert "moai_batch_size_bucket" in text and "moai_queue_depth" in text
+    from test_cli import foreign_lines
+
+    assert foreign_lines(served.log.read_text()) == []  # the start printed no third-party warnings
 
 
 def test_answer_equals_the_pipeline_and_usage_counts_what_the_model_sees(served, pipe):
