@@ -276,3 +276,34 @@ def test_bad_requests_get_typed_errors(engine, image):
     assert "image" in str(info.value).lower()
     ok = engine.submit(image, PROMPTS[0], max_new_tokens=2, eos_token_id=[])
     assert len(ok.result(60).new_token_ids) == 2  # the engine goes on after a failed request
+
+
+def test_fixed_shape_steps_equal_single_runs(pipe, image, single):
+    """The CUDA-graph step shape (rows padded to a bucket, the whole pool capacity read, masks built on the
+    device) run without a graph on this CPU: same answers as the single runs."""
+    with MoAIEngine(pipe, max_num_seqs=4, cuda_graphs=True) as eng:
+        handles = [
+            eng.submit(image, PROMPTS[i], max_new_tokens=n, **SETTINGS[s])
+            for i, s, n in [(0, 0, 9), (1, 1, 5), (2, 3, 12)]
+        ]
+        results = [h.result(120) for h in handles]
+        assert eng._runner.fixed_shape and not eng._runner.use_graphs
+    for (i, s, n), result in zip([(0, 0, 9), (1, 1, 5), (2, 3, 12)], results):
+        assert result.new_token_ids == single(i, s, n).new_token_ids
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_steps_equal_eager_steps(tmp_path):
+    """On CUDA the decoding steps replay captured graphs (one per batch-size bucket) and give the eager answers."""
+    pipe = tiny_pipeline(tmp_path, experts=None, device="cuda")
+    img = demo_image()
+    jobs = [(PROMPTS[i % 4], 4 + 3 * i) for i in range(6)]
+    answers = {}
+    for graphs in (False, True):
+        with MoAIEngine(pipe, max_num_seqs=4, cuda_graphs=graphs) as eng:
+            handles = [eng.submit(img, p, max_new_tokens=n, eos_token_id=[]) for p, n in jobs]
+            answers[graphs] = [h.result(300).new_token_ids for h in handles]
+            if graphs:
+                assert eng._runner.use_graphs and eng._runner.captured >= 1
+    assert answers[True] == answers[False]

@@ -8,6 +8,7 @@ Parts (one module each, named after vLLM v1's engine core):
 ``scheduler``      :class:`Scheduler` -- admits prepared requests per step (``continuous`` or ``static``)
 ``kv_pool``        :class:`KVPool` -- the batched KV cache of the running rows, under a byte budget
 ``sampler``        :class:`Sampler` -- the decoding core over rows with their own settings and generators
+``runner``         :class:`DecodeRunner` -- one decoding step, eager or CUDA graphs per batch-size bucket
 ``core``           :class:`MoAIEngine` -- the engine thread: admit + prefill, one decode step, retire
 =================  ===========================================================================================
 
@@ -60,6 +61,7 @@ from .requests import (
     RequestOutput,
     RequestState,
 )
+from .runner import DecodeRunner
 from .sampler import Sampler, row_generator
 from .scheduler import PreparedRequest, Row, Scheduler
 
@@ -80,7 +82,8 @@ class EngineStats:
     mean_step_seconds: float
 
 
-#: ``listener(step_seconds, stats)`` -- called on the engine thread after every decoding step.
+#: ``listener(step_seconds, stats)`` -- called on the engine thread after every decoding step, and with
+#: ``step_seconds=None`` when the batch emptied.
 StepListener = Callable[[float, EngineStats], None]
 
 
@@ -97,6 +100,11 @@ class MoAIEngine:
         scheduling: ``"continuous"`` (default) or ``"static"`` (admit only into an empty batch: request-level
             batching, the baseline).
         max_prepared: how many requests perception may prepare ahead of admission (default: ``2 * max_num_seqs``).
+        static_wait: with ``"static"``, seconds an empty batch waits for companions (from its first prepared
+            request or the end of the previous batch), as a request-level batcher's window.
+        cuda_graphs: decode with fixed-shape steps replayed as CUDA graphs captured per batch-size bucket
+            (:mod:`moai_sdk.engine.runner`); default: on CUDA. ``True`` elsewhere runs the same fixed-shape steps
+            without graphs.
 
     Use it as a context manager, or :meth:`start` / :meth:`stop`::
 
@@ -114,6 +122,8 @@ class MoAIEngine:
         max_num_batched_tokens: int = 4096,
         scheduling: str = "continuous",
         max_prepared: Optional[int] = None,
+        static_wait: float = 0.0,
+        cuda_graphs: Optional[bool] = None,
     ) -> None:
         if not isinstance(pipe, MoAIPipeline):
             raise ConfigError(f"MoAIEngine needs a MoAIPipeline; got {type(pipe).__name__}")
@@ -131,16 +141,21 @@ class MoAIEngine:
             raise ConfigError(f"max_num_batched_tokens must be an integer; got {max_num_batched_tokens!r}")
         if max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1; got {max_num_batched_tokens}")
+        self.static_wait = float(static_wait)
+        self.cuda_graphs = cuda_graphs
         self.max_prepared = int(max_prepared) if max_prepared is not None else 2 * max_num_seqs
         self.ready = threading.Event()
         self.load_error: Optional[BaseException] = None
         self.listeners: list[StepListener] = []
+        #: ``fn(admitted, running)`` -- called on the engine thread after a step admitted requests
+        self.admission_listeners: list[Callable[[int, int], None]] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._scheduler: Optional[Scheduler] = None
         self._pool: Optional[KVPool] = None
         self._sampler: Optional[Sampler] = None
+        self._runner: Optional[DecodeRunner] = None
         self._worker: Optional[PerceptionWorker] = None
         self._cancelled: set[RequestHandle] = set()
         self._steps = 0
@@ -335,9 +350,14 @@ class MoAIEngine:
                 model.config, model.dtype, model.device, budget_bytes=budget, max_num_seqs=self.max_num_seqs
             )
             self._scheduler = Scheduler(
-                self._pool, policy=self.scheduling, max_num_batched_tokens=self.max_num_batched_tokens
+                self._pool,
+                policy=self.scheduling,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                static_wait=self.static_wait,
             )
             self._sampler = Sampler(model.config.vocab_size, model.device)
+            fixed = model.device.type == "cuda" if self.cuda_graphs is None else bool(self.cuda_graphs)
+            self._runner = DecodeRunner(model, self._pool, fixed_shape=fixed)
             self._worker.start()
         except BaseException as exc:  # reported by wait_ready and every request
             logger.exception("the engine failed to load the pipeline")
@@ -349,8 +369,14 @@ class MoAIEngine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not sched.running and not sched.waiting and not self._cancelled:
-                        self._cond.wait()
+                    while not self._stopping and not sched.running and not self._cancelled:
+                        if not sched.waiting:
+                            self._cond.wait()
+                            continue
+                        delay = sched.wait_hint(time.perf_counter())  # static: an empty batch waits for companions
+                        if delay is None:
+                            break
+                        self._cond.wait(delay)
                     if self._stopping:
                         break
                     cancelled, self._cancelled = self._cancelled, set()
@@ -359,10 +385,15 @@ class MoAIEngine:
                 self._drop_cancelled(cancelled)
                 for prepared in admitted:
                     self._admit(prepared)
+                if admitted:
+                    for fn in self.admission_listeners:
+                        fn(len(admitted), len(sched.running))
                 if sched.running:
                     self._decode_step()
-                elif not sched.waiting:
-                    self._pool.release_memory()
+                else:
+                    if not sched.waiting:
+                        self._pool.release_memory()
+                    self._notify(None)  # the batch emptied without a decoding step (e.g. cancelled rows)
         except BaseException as exc:  # a bug or a device failure: fail every request rather than hang
             logger.exception("the engine loop failed")
             self.load_error = exc
@@ -475,10 +506,7 @@ class MoAIEngine:
         sched, pool, model = self._scheduler, self._pool, self.pipe.model
         rows = sched.running
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            tokens = torch.tensor([r.tokens[-1] for r in rows], device=model.device)
-            lengths = torch.tensor(pool.lengths, device=model.device)
-            logits = model.decode_rows(tokens, pool.batch_cache(), lengths)
+        logits = self._runner([r.tokens[-1] for r in rows], list(pool.lengths))
         for i in range(len(rows)):
             pool.lengths[i] += 1
         new, records = self._sampler(logits, rows)
@@ -486,6 +514,11 @@ class MoAIEngine:
         seconds = time.perf_counter() - t0
         self._steps += 1
         self._step_times.append(seconds)
+        self._notify(seconds)
+        if not sched.running:
+            self._notify(None)
+
+    def _notify(self, seconds: Optional[float]) -> None:
         if self.listeners:
             stats = self.stats()
             for listener in self.listeners:

@@ -16,6 +16,7 @@ Policies:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -41,6 +42,7 @@ class PreparedRequest:
     prepared: Any  # the pipeline's prepared row (prompts, perceptions, aux texts, inputs)
     timings: dict[str, float]
     context: int  # positions the prefill fills (text + image)
+    ready: float = field(default_factory=time.perf_counter)  # when perception finished
 
     @property
     def reserve(self) -> int:
@@ -73,7 +75,14 @@ class Row:
 class Scheduler:
     """Admission decisions over the prepared queue and the KV pool (module docstring)."""
 
-    def __init__(self, pool: KVPool, *, policy: str = "continuous", max_num_batched_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        pool: KVPool,
+        *,
+        policy: str = "continuous",
+        max_num_batched_tokens: int = 4096,
+        static_wait: float = 0.0,
+    ) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"scheduling must be one of {POLICIES}; got {policy!r}")
         if max_num_batched_tokens < 1:
@@ -81,8 +90,21 @@ class Scheduler:
         self.pool = pool
         self.policy = policy
         self.max_num_batched_tokens = int(max_num_batched_tokens)
+        #: ``static``: an empty batch waits this long (seconds, from its first prepared request or the end of the
+        #: previous batch, whichever is later) for companions, as the request-level batcher did
+        self.static_wait = float(static_wait)
         self.waiting: deque[PreparedRequest] = deque()
         self.running: list[Row] = []  # running[i].slot == i
+        self.free_since = 0.0  # when the batch last became empty (perf_counter)
+
+    def wait_hint(self, now: float) -> Optional[float]:
+        """Seconds to wait before :meth:`schedule` should run again with nothing running (None: now)."""
+        if self.policy != "static" or self.running or not self.waiting:
+            return None
+        if len(self.waiting) >= self.pool.max_num_seqs:
+            return None
+        due = max(self.waiting[0].ready, self.free_since) + self.static_wait
+        return due - now if due > now else None
 
     def add(self, prepared: PreparedRequest) -> None:
         self.waiting.append(prepared)
@@ -122,6 +144,8 @@ class Scheduler:
                 self.running[dst] = self.running[src]
                 self.running[dst].slot = dst
             self.running.pop()
+        if not self.running:
+            self.free_since = time.perf_counter()
 
 
 __all__ = ["Scheduler", "PreparedRequest", "Row", "POLICIES"]
