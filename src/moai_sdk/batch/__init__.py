@@ -82,6 +82,7 @@ def run(
     num_cpus_per_actor: float = 1.0,
     cpu_experts: Optional[Sequence[str]] = None,
     columns: Optional[dict[str, str]] = None,
+    scheduling: str = "continuous",
 ) -> dict[str, Any]:
     """Answer every row of ``inputs`` and write ``output`` (JSONL or Parquet by suffix); returns a summary.
 
@@ -102,6 +103,8 @@ def run(
     from .local import run_local
     from .output import OutputWriter
 
+    if scheduling not in ("continuous", "static"):
+        raise InputError(f"scheduling must be 'continuous' or 'static'; got {scheduling!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
     if resume and overwrite:
@@ -151,6 +154,7 @@ def run(
                 save_perception=save_perception,
                 allow_remote=allow_remote,
                 progress=progress,
+                scheduling=scheduling,
             )
         complete = True
     finally:
