@@ -67,9 +67,10 @@ from .modeling.config import check_attn_implementation
 from .modeling.generation import GenerateOutput
 from .modeling.mixer import GateWeights, MoAIMixer
 from .modeling.quantization import check_quantization
+from .modeling.scoring import score_continuations
 from .processing import MoAIInputs, MoAIProcessor
 from .prompts import DEFAULT_TEMPLATE, check_template
-from .results import MoAIResult, PerceptionResult
+from .results import ContinuationScore, MoAIResult, PerceptionResult, ScoreResult
 from .streaming import ANSWER_CUT, AnswerStream, TokenCallback, cut_answer, stream_in_thread
 from .tokenization import MoAITokenizer
 from .verbalization import EMPTY_VERBALIZATION, verbalize
@@ -169,6 +170,23 @@ def _results(
         )
         for i, new in enumerate(out.new_tokens)
     ]
+
+
+def _continuation_lists(continuations: Any, batch: bool) -> list[list[str]]:
+    """``continuations`` as one list of strings per row: a list of strings (one prompt, or shared by every
+    prompt of a batch) or, for a batch, one list per prompt."""
+
+    def strings(value: Any, where: str) -> list[str]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise InputError(f"{where} must be a list of strings; got {type(value).__name__}")
+        for j, c in enumerate(value):
+            if not isinstance(c, str):
+                raise InputError(f"{where}[{j}] must be a str; got {type(c).__name__}")
+        return list(value)
+
+    if batch and isinstance(continuations, (list, tuple)) and continuations and not isinstance(continuations[0], str):
+        return [strings(c, f"continuations[{i}]") for i, c in enumerate(continuations)]
+    return [strings(continuations, "continuations")]
 
 
 def _quantization_on(device: torch.device, quantization: Optional[str]) -> Optional[str]:
@@ -572,6 +590,95 @@ class MoAIPipeline(HubSettings):
         )
         timer.timings.update({key: float(out.timings.get(key, 0.0)) for key in ("prefill", "decode")})
         return out
+
+    def _encode(self, inputs: MoAIInputs, timer: _Timer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 4-5: the image features and the compressed auxiliary tokens of ``inputs`` (on the model's device)."""
+        model = self.model
+        with torch.inference_mode():
+            with timer.stage("vision"):
+                image_features = model.encode_images(inputs.pixel_values)
+            with timer.stage("compression"):
+                aux_embeds, aux_mask = model.build_aux_embeds(
+                    inputs.aux_input_ids, inputs.panoptic_pixel_values, inputs.aux_attention_mask
+                )
+                compressed = model.compress(aux_embeds, aux_mask).to(image_features.dtype)
+        return image_features, compressed
+
+    def score(
+        self,
+        images: Any,
+        prompts: Union[str, Sequence[str]],
+        continuations: Sequence[Any],
+        *,
+        template: Optional[Union[str, Sequence[str]]] = None,
+        perception: Any = None,
+        experts: Any = None,
+        allow_special_tokens: bool = False,
+        allow_remote: bool = False,
+    ) -> Union[ScoreResult, list[ScoreResult]]:
+        """How likely each continuation is as the answer to ``prompts`` about ``images`` (what evaluation
+        harnesses call log-likelihood): per continuation the summed and per-token log-probabilities and whether
+        greedy decoding would produce it (:class:`~moai_sdk.results.ContinuationScore`).
+
+        ``pipe.score(image, prompt, continuations=["yes", "no"])`` gives a :class:`~moai_sdk.results.ScoreResult`;
+        lists of images / prompts give a list, with ``continuations`` one list per row. Each prompt is perceived
+        and prefilled once; its cached keys/values are copied per continuation and all continuations of the
+        batch run as one forward (:func:`~moai_sdk.modeling.scoring.score_continuations`). A continuation is
+        tokenized as text that follows the prompt (:meth:`~moai_sdk.MoAITokenizer.encode_continuation`).
+        """
+        batch = _is_batch(images) or _is_batch(prompts)
+        per_row = _continuation_lists(continuations, batch)
+        timer = _Timer(self.device)
+        if self._model is None or self._processor is None:
+            with timer.stage("load"):
+                _ = self.processor, self.model
+        t0 = time.perf_counter()
+        ids = [[self.tokenizer.encode_continuation(c) for c in conts] for conts in per_row]
+        longest = max([len(c) for conts in ids for c in conts] + [1])
+        raw = bool(allow_special_tokens)
+        rows = self._prepare(images, prompts, template, perception, experts, timer, allow_remote, raw, longest)
+        if len(ids) == 1 and len(rows.prompts) > 1:
+            ids, per_row = ids * len(rows.prompts), per_row * len(rows.prompts)
+        if len(ids) != len(rows.prompts):
+            raise InputError(f"{len(rows.prompts)} prompts but {len(ids)} lists of continuations; pass one per prompt")
+        inputs = rows.inputs.to(self.model.device)
+        image_features, compressed = self._encode(inputs, timer)
+        with timer.stage("score"):
+            scored = score_continuations(
+                self.model,
+                inputs.input_ids,
+                inputs.attention_mask,
+                ids,
+                image_features=image_features,
+                compressed_aux=compressed,
+                im_mask=inputs.im_mask,
+                lang_mask=inputs.lang_mask,
+            )
+        timer.timings["total"] = time.perf_counter() - t0
+        revision = self.model.load_info.get("revision") or self.revision
+        results = [
+            ScoreResult(
+                prompt=rows.prompts[i],
+                continuations=[
+                    ContinuationScore(
+                        text=text,
+                        logprob=s.logprob,
+                        token_logprobs=s.token_logprobs,
+                        token_ids=s.token_ids,
+                        is_greedy=s.is_greedy,
+                    )
+                    for text, s in zip(per_row[i], scored[i])
+                ],
+                perception=rows.perceptions[i],
+                aux_text=rows.aux_texts[i],
+                token_counts=_token_counts(rows.inputs, i, 0),
+                timings=dict(timer.timings),
+                model_id=self.model_id,
+                revision=revision,
+            )
+            for i in range(len(rows.prompts))
+        ]
+        return results if batch else results[0]
 
     ablate = explain.ablate  # pipe.ablate(image, prompt, experts=None, return_gates=False, **options): one batch
 
