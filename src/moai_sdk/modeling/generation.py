@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,6 +23,16 @@ import torch.nn.functional as F
 
 from ..devices import synchronize
 from ..errors import GenerationError, InputError
+from .decoding import (
+    SamplingParams,
+    apply_repetition_penalty,
+    hit_stop_string,
+    next_tokens,
+    warp_for_sampling,
+)
+from .decoding import (
+    eos_ids as _eos_list,
+)
 from .internlm2 import KVCache
 
 logger = logging.getLogger(__name__)
@@ -227,39 +237,6 @@ class GenerateOutput:
     gate_weights: list | None = None
 
 
-# ---------------------------------------------------------------------------------------------- processors
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """``seen`` [B, V] bool: divide positive / multiply negative logits of already seen tokens by ``penalty``."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def warp_for_sampling(logits: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
-    if s.temperature != 1.0:
-        logits = logits / s.temperature
-    if s.top_k > 0:
-        k = min(s.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - s.top_p)
-        remove_sorted[..., -1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def _eos_list(settings: GenerationSettings, default_eos: int) -> list[int]:
-    eos = settings.eos_token_id
-    if eos is None:
-        return [default_eos]
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-
-
 # ---------------------------------------------------------------------------------------------- main entry
 @torch.inference_mode()
 def generate(
@@ -384,11 +361,6 @@ def generate(
         timings=timings,
         gate_weights=out.gate_weights,
     )
-
-
-def _hit_stop(decode, tokens: list[int], stops: Sequence[str]) -> bool:
-    text = decode(tokens)
-    return any(s in text for s in stops)
 
 
 class _AllFinishedFlag:
@@ -564,17 +536,13 @@ def _sample_or_greedy(decoder, s, logits, seen, eos_ids, pad_id, generator, outp
     rows_idx = torch.arange(b, device=device)
     pad = torch.full((b,), pad_id, dtype=torch.long, device=device)
     flag = _AllFinishedFlag(device)
+    params = SamplingParams.shared(s)  # the decoding core (moai_sdk.modeling.decoding), one setting for all rows
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
     steps = 0
     for step in range(steps_max):
         if step_logits is not None:
             step_logits.append(logits.clone())
-        scores = apply_repetition_penalty(logits, seen, s.repetition_penalty)
-        if s.do_sample:
-            probs = warp_for_sampling(scores, s).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            nxt = scores.argmax(-1)
+        nxt = next_tokens(logits, params, seen=seen, generator=generator)
         nxt = torch.where(finished, pad, nxt)
         tokens[:, step] = nxt
         steps = step + 1
@@ -605,7 +573,7 @@ def _apply_stop_strings(decode, stops, tokens, done_now, finished) -> torch.Tens
     """Mark rows whose text (up to this step) contains a stop string; host-side, every step."""
     host = tokens.tolist()
     running = (~finished & ~done_now).tolist()
-    hit = [running[i] and _hit_stop(decode, host[i], stops) for i in range(len(host))]
+    hit = [running[i] and hit_stop_string(decode, host[i], stops) for i in range(len(host))]
     if not any(hit):
         return done_now
     return done_now | torch.tensor(hit, dtype=torch.bool, device=done_now.device)
