@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 GRAMMAR_CACHE_SIZE = 256
 
 #: How JSON answers are laid out unless a schema says otherwise (llguidance's ``x-guidance`` options): the
-#: compact form ``{"a": 1, "b": [2, 3]}`` -- one space after ``:`` and ``,``, no other whitespace.
+#: compact form ``{"a":1,"b":[2,3]}`` -- no whitespace between tokens (a schema's own ``x-guidance`` wins).
 JSON_LAYOUT: dict[str, Any] = {"whitespace_flexible": False}
 
 _NEED = "structured answers (response_format) need llguidance and jsonschema: pip install 'moai-sdk[structured]'"
