@@ -250,3 +250,26 @@ def test_model_by_id_unknown_fields_seeds_and_the_400s_that_stay(server, client)
     assert response.status_code == 400 and "bare string" in response.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         _ask(client, "Hi.", top_logprobs=3)
+
+
+def test_readme_structured_snippet_works_as_written(server, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Structured answers, log-probabilities and scoring") :]
+    section = section[section.index("test_readme_structured_snippet_works_as_written") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    assert "http://127.0.0.1:8000/v1" in code
+    demo_image("MOAI").save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(
+        compile(code.replace("http://127.0.0.1:8000/v1", server.base + "/v1"), "README.md", "exec", dont_inherit=True),
+        namespace,
+    )
+    scene = namespace["completion"].choices[0].message.parsed
+    assert isinstance(scene, namespace["Scene"]) and 0 <= scene.people <= 100
+    assert namespace["yes_no"].choices[0].message.content in ("yes", "no")
+    assert len(namespace["yes_no"].choices[0].logprobs.content[0].top_logprobs) == 2
+    assert capsys.readouterr().out.count("\n") == 2
