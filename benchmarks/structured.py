@@ -21,6 +21,11 @@ byte-fallback pieces, and generated word pieces (with and without the ``▁`` wo
 runs (JSON's ``{"``, ``":``, ``",`` among them) and CJK characters and words, the mix of a multilingual
 tokenizer. Both engines get the same token bytes (:func:`moai_sdk.structured.vocab.vocab_from_sentencepiece`).
 Both engines run on the CPU; xgrammar's compiler gets ``--threads`` threads.
+
+``--overhead`` measures, on the tiny MoAI (CPU, float32, no experts), the per-token cost of constrained decoding as
+the pipeline runs it: the same prompt answered greedily with and without a JSON schema (``response_format``),
+the two modes interleaved for ``--repeats`` rounds, and per mode the median time between consecutive tokens
+(the ``on_token`` callback: one decoding step, mask and grammar update included).
 """
 
 from __future__ import annotations
@@ -299,6 +304,61 @@ def run(repeats: int, threads: int, vocabularies: list[str]) -> dict[str, Any]:
     return results
 
 
+OVERHEAD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string", "maxLength": 200},
+        "objects": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 8},
+    },
+    "required": ["caption", "objects"],
+}
+
+
+def overhead(repeats: int, max_new_tokens: int = 64) -> dict[str, Any]:
+    """Median decoding-step seconds with and without a JSON schema on the tiny pipeline (same run)."""
+    import logging
+
+    from moai_sdk.testing import demo_image, tiny_pipeline
+
+    logging.getLogger("moai_sdk.pipeline").setLevel(logging.ERROR)  # answers cut by max_new_tokens are expected
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = tiny_pipeline(tmp, experts=None)
+        image = demo_image()
+        steps: dict[str, list[float]] = {"free": [], "json_schema": []}
+        tokens: dict[str, list[int]] = {"free": [], "json_schema": []}
+
+        def run(mode: str) -> None:
+            stamps: list[float] = []
+            fmt = OVERHEAD_SCHEMA if mode == "json_schema" else None
+            result = pipe(
+                image,
+                "Describe the picture.",
+                response_format=fmt,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=[],  # the free answer runs its full length (the schema's ends when the grammar does)
+                on_token=lambda ids: stamps.append(time.perf_counter()),
+            )
+            steps[mode].extend(b - a for a, b in zip(stamps, stamps[1:]))
+            tokens[mode].append(len(result.new_token_ids))
+
+        run("free"), run("json_schema")  # warm-up (and the grammar compiled once, then cached)
+        steps = {"free": [], "json_schema": []}
+        tokens = {"free": [], "json_schema": []}
+        for _ in range(repeats):
+            run("free")
+            run("json_schema")
+    free, constrained = statistics.median(steps["free"]), statistics.median(steps["json_schema"])
+    return {
+        "free_step_ms": 1e3 * free,
+        "json_schema_step_ms": 1e3 * constrained,
+        "overhead_ms": 1e3 * (constrained - free),
+        "overhead_ratio": constrained / free,
+        "steps": {k: len(v) for k, v in steps.items()},
+        "tokens_per_answer": tokens,
+    }
+
+
 def table(results: dict[str, Any]) -> str:
     head = (
         f"| vocab | schema | engine | tokenizer ms | compile ms | first mask ms | mask p50 us | mask p90 us "
@@ -320,10 +380,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2, help="xgrammar compiler threads")
     parser.add_argument("--vocab", nargs="+", default=["tiny", "synthetic92k"], choices=["tiny", "synthetic92k"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--overhead", action="store_true", help="also time decoding steps with / without a schema")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory():
-        results = run(args.repeats, args.threads, args.vocab)
+    results = run(args.repeats, args.threads, args.vocab)
     print(table(results))
+    if args.overhead:
+        results["overhead"] = o = overhead(max(args.repeats, 1))
+        print(
+            f"\ntiny MoAI decoding step (median, {o['steps']['free']} / {o['steps']['json_schema']} steps): "
+            f"free {o['free_step_ms']:.2f} ms, with a JSON schema {o['json_schema_step_ms']:.2f} ms "
+            f"(+{o['overhead_ms']:.2f} ms, x{o['overhead_ratio']:.3f})"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
