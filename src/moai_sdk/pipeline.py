@@ -673,6 +673,28 @@ class MoAIPipeline(HubSettings):
             )
         return _Prepared(prompt_list, perceptions, aux_texts, inputs)
 
+    def prepare(
+        self,
+        image: Any,
+        prompt: str,
+        *,
+        template: Optional[str] = None,
+        perception: Any = None,
+        experts: Any = None,
+        allow_remote: bool = False,
+        allow_special_tokens: bool = False,
+        max_new_tokens: Optional[int] = None,
+    ) -> tuple[_Prepared, dict[str, float]]:
+        """Stages 1-3 for one image and one prompt (experts, verbalization, preprocess), exactly as a call runs
+        them, and their timings; the continuous-batching engine (:mod:`moai_sdk.engine`) runs this ahead of
+        admission. With ``max_new_tokens`` the context window is checked first."""
+        if _is_batch(image) or not isinstance(prompt, str):
+            raise InputError("prepare() takes one image and one prompt")
+        timer = _Timer(self.device)
+        raw = bool(allow_special_tokens)
+        rows = self._prepare(image, prompt, template, perception, experts, timer, allow_remote, raw, max_new_tokens)
+        return rows, timer.timings
+
     def _generate(
         self,
         inputs: MoAIInputs,

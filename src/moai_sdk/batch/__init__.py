@@ -56,6 +56,7 @@ def run(
     num_cpus_per_actor: float = 1.0,
     cpu_experts: Optional[Sequence[str]] = None,
     columns: Optional[dict[str, str]] = None,
+    scheduling: str = "continuous",
 ) -> dict[str, Any]:
     """Answer every row of ``inputs`` and write ``output`` (JSONL or Parquet by suffix); returns a summary.
 
@@ -70,6 +71,8 @@ def run(
     The summary: ``output``, ``rows`` written by this run, ``errors`` among them, ``skipped`` (already written),
     ``total`` rows in the output, ``seconds``, ``items_per_second`` and, with Ray, ``startup_seconds``.
     """
+    if scheduling not in ("continuous", "static"):
+        raise InputError(f"scheduling must be 'continuous' or 'static'; got {scheduling!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
     if resume and overwrite:
@@ -119,6 +122,7 @@ def run(
                 save_perception=save_perception,
                 allow_remote=allow_remote,
                 progress=progress,
+                scheduling=scheduling,
             )
         complete = True
     finally:

@@ -37,7 +37,15 @@ def add_parsers(sub: Any) -> None:
     batch.add_argument(
         "--every", type=float, default=None, metavar="SECONDS", help="video: one frame every SECONDS (1)"
     )
-    batch.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
+    batch.add_argument(
+        "--batch-size", type=int, default=8, help="rows decoding together (static: rows per pipeline call; default 8)"
+    )
+    batch.add_argument(
+        "--scheduling",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="local runner: continuous batching on the engine (default) or consecutive static batches",
+    )
     batch.add_argument("--resume", action="store_true", help="continue an earlier run: skip ids already written")
     batch.add_argument("--overwrite", action="store_true", help="replace an existing output")
     batch.add_argument("--save-perception", action="store_true", help="add the perception JSON per row")
@@ -92,6 +100,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         pipeline_options=pipeline_kwargs(args),
         generation=generation_kwargs(args),
         batch_size=args.batch_size,
+        scheduling=args.scheduling,
         resume=args.resume,
         overwrite=args.overwrite,
         save_perception=args.save_perception,

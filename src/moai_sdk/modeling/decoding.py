@@ -285,6 +285,15 @@ def _draw(scores: torch.Tensor, params: SamplingParams, generator: Any) -> torch
     return torch.cat(rows).squeeze(-1)
 
 
+def seen_from_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] bool: the text tokens of each prompt (padding and the ``<image>`` placeholder left out), where a
+    repetition penalty starts from."""
+    seen = torch.zeros(input_ids.shape[0], vocab, dtype=torch.bool, device=input_ids.device)
+    valid = attention_mask.bool() & (input_ids < vocab) & (input_ids >= 0)
+    seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
+    return seen
+
+
 def eos_ids(settings: Any, default_eos: int) -> list[int]:
     """The EOS ids of ``settings`` (``eos_token_id``: None = the model's, an int, or a list -- ``[]`` = never)."""
     eos = settings.eos_token_id
@@ -345,5 +354,6 @@ __all__ = [
     "hit_stop_string",
     "next_tokens",
     "row_logprobs",
+    "seen_from_prompt",
     "warp_for_sampling",
 ]

@@ -32,6 +32,7 @@ from .decoding import (
     hit_stop_string,
     next_tokens,
     row_logprobs,
+    seen_from_prompt,
     warp_for_sampling,
 )
 from .decoding import (
@@ -356,10 +357,10 @@ def generate(
     synchronize(device)  # so that the timings split prefill and decode on asynchronous devices too
     timings = {"prefill": time.perf_counter() - t0}
 
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
     if settings.repetition_penalty != 1.0:
-        valid = (attention_mask.bool()) & (input_ids < vocab) & (input_ids >= 0)
-        seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
+        seen = seen_from_prompt(input_ids, attention_mask, vocab)
+    else:
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
 
     t1 = time.perf_counter()
     if settings.cuda_graphs and settings.num_beams > 1:

@@ -1,4 +1,4 @@
-"""The ASGI app: OpenAI-compatible chat completions over a dynamically batched MoAI pipeline.
+"""The ASGI app: OpenAI-compatible chat completions over MoAI's continuous-batching engine.
 
 ``create_app(pipe, ...)`` returns a FastAPI app (usable in your own ASGI stack; ``moai serve`` runs it under
 uvicorn). Endpoints:
@@ -32,7 +32,7 @@ import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, DependencyError, InputError
 from ..pipeline import MoAIPipeline
+from .engine_scheduler import EngineScheduler
 from .images import load_request_image
 from .metrics import ServerMetrics
 from .protocol import (
@@ -61,7 +62,7 @@ from .protocol import (
     parse_messages,
     usage,
 )
-from .scheduler import Answer, BatchScheduler, Job
+from .scheduler import Answer, Job
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class ServeConfig:
     max_image_bytes: int = 20 * 2**20  #: largest encoded image
     max_body_bytes: Optional[int] = None  #: largest request body; default: the base64 image plus 1 MiB
     remote_timeout: float = 10.0  #: seconds for a remote image fetch
+    scheduling: str = "continuous"  #: "continuous" (rows join/leave every step) or "static" (request-level)
+    max_num_seqs: Optional[int] = None  #: rows decoding together; default: max_batch_size
+    kv_budget: Union[int, float, None] = None  #: KV pool bytes, or a fraction of free CUDA memory
+    max_num_batched_tokens: int = 4096  #: per-step token budget (decode rows + newcomers' prefill)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -92,6 +97,8 @@ class ServeConfig:
             raise ConfigError(f"max_queue must be >= 1; got {self.max_queue}")
         if self.batch_timeout_ms < 0 or self.request_timeout <= 0 or self.max_image_bytes < 1:
             raise ConfigError("batch_timeout_ms must be >= 0, request_timeout > 0 and max_image_bytes >= 1")
+        if self.scheduling not in ("continuous", "static"):
+            raise ConfigError(f"scheduling must be 'continuous' or 'static'; got {self.scheduling!r}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key must not be empty (omit it for an open server)")
 
@@ -182,7 +189,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **options: Any) -> FastAPI:
-    """A FastAPI app serving ``pipe`` with dynamic batching; ``options`` are :class:`ServeConfig` fields.
+    """A FastAPI app serving ``pipe`` on the continuous-batching engine (:mod:`moai_sdk.engine`, through
+    :class:`~moai_sdk.serve.engine_scheduler.EngineScheduler`); ``options`` are :class:`ServeConfig` fields.
 
     The model thread starts (and loads the pipeline) with the app's lifespan, or on the first request when the
     app is mounted where lifespans do not run; ``/health`` says when it is ready.
@@ -193,9 +201,12 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         config = ServeConfig(**{**config.__dict__, **options})
     metrics = ServerMetrics()
     served = config.served_model_name or pipe.model_id
-    scheduler = BatchScheduler(
+    scheduler = EngineScheduler(
         pipe,
-        max_batch_size=config.max_batch_size,
+        scheduling=config.scheduling,
+        max_num_seqs=config.max_num_seqs or config.max_batch_size,
+        kv_budget=config.kv_budget,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         batch_timeout=config.batch_timeout_ms / 1000.0,
         max_queue=config.max_queue,
         metrics=metrics,
@@ -238,7 +249,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
                 401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
-    def ready() -> BatchScheduler:
+    def ready() -> EngineScheduler:
         scheduler.start()
         if scheduler.load_error is not None:
             raise APIError(503, f"the model failed to load: {scheduler.load_error}", code="load_failed")
@@ -302,7 +313,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
             )
         return model_card(served, created)
 
-    def choice_logprobs(result: Any, sched: BatchScheduler) -> list:
+    def choice_logprobs(result: Any, sched: EngineScheduler) -> list:
         """OpenAI's ``logprobs.content`` of an answer's tokens (the closing EOS has no text and is left out)."""
         entries = list(result.logprobs or [])
         if entries and result.new_token_ids and result.new_token_ids[-1] == sched.info.eos_token_id:
@@ -483,7 +494,7 @@ def _fit_context(settings: Any, context: int, max_context: int, requested: bool)
     return settings
 
 
-def _usage(answer: Answer, scheduler: BatchScheduler) -> dict[str, int]:
+def _usage(answer: Answer, scheduler: EngineScheduler) -> dict[str, int]:
     counts = answer.result.token_counts
     prompt_tokens = int(counts.get("context", 0)) + scheduler.info.aux_tokens
     results = [r for r, _ in answer.choices] or [answer.result]
