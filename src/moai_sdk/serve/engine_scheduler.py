@@ -167,7 +167,7 @@ class EngineScheduler:
             self.metrics.queue_depth.set(self.queue_depth)
             self._perceive.put(job)
             return
-        state = {"first": None, "last": None}
+        state: dict[str, Any] = {"first": None, "last": None, "text": ""}
 
         def on_token(token_id: int, piece: str) -> None:
             now = time.perf_counter()
@@ -181,6 +181,7 @@ class EngineScheduler:
             if piece and job.stream:
                 if job.first_text is None:
                     job.first_text = now
+                state["text"] += piece
                 job.emit("delta", piece)
 
         outputs = job.outputs
@@ -229,7 +230,7 @@ class EngineScheduler:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
-                self._done(job, handle, constraints)
+                self._done(job, handle, constraints, state["text"] if stream is not None else None)
 
         for h in handles:
             for choice in h.choices:
@@ -237,7 +238,7 @@ class EngineScheduler:
         if job.cancelled.is_set():  # abandoned meanwhile
             handle.cancel()
 
-    def _done(self, job: Job, handle: _Handles, constraints: list[Any]) -> None:
+    def _done(self, job: Job, handle: _Handles, constraints: list[Any], streamed: Optional[str] = None) -> None:
         with self._lock:
             self._handles.pop(job, None)
         try:
@@ -253,6 +254,14 @@ class EngineScheduler:
             job.finish("error", error)
             return
         self.metrics.request_stages(result.timings)
+        if (
+            job.stream
+            and streamed is not None
+            and result.text.startswith(streamed)
+            and len(result.text) > len(streamed)
+        ):
+            job.emit("delta", result.text[len(streamed) :])  # text held back while it could still change (an
+            # incomplete UTF-8 sequence at the end): the stream concatenates to the answer
         job.finish("result", Answer(result, choices[0][1], max(1, self._running_rows), choices))
 
     def _choices(self, job: Job, handle: _Handles, constraints: list[Any]) -> list[tuple[MoAIResult, str]]:
