@@ -257,7 +257,7 @@ def test_seeded_sampling_reproduces_the_pipeline(served, pipe):
         ({"image": "https://example.com/a.png"}, 400, "remote_images_disabled"),
         ({"prompt": "word " * 1500}, 400, "context_length_exceeded"),
         ({"max_tokens": 5000}, 400, "context_length_exceeded"),
-        ({"n": 2}, 400, None),
+        ({"n": 17}, 400, None),  # n choices: 1..16
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, None),
         ({"two_images": True}, 400, None),
         ({"system": True}, 400, None),

@@ -64,6 +64,11 @@ _LAZY: dict[str, str] = {
     "TextLine": "moai_sdk.results",
     "PerceptionResult": "moai_sdk.results",
     "MoAIResult": "moai_sdk.results",
+    "TokenLogprob": "moai_sdk.results",
+    "TopLogprob": "moai_sdk.results",
+    "ScoreResult": "moai_sdk.results",
+    "ContinuationScore": "moai_sdk.results",
+    "StructuredOutputs": "moai_sdk.structured",
     "verbalize": "moai_sdk.verbalization",
     "verbalize_parts": "moai_sdk.verbalization",
     "VerbalizationParts": "moai_sdk.verbalization",
@@ -114,7 +119,20 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .pipeline import MoAIPipeline
     from .processing import MoAIInputs, MoAIProcessor
     from .prompts import SYSTEM_PROMPT, build_prompt
-    from .results import Box, Detection, MoAIResult, PerceptionResult, Relation, Segment, TextLine
+    from .results import (
+        Box,
+        ContinuationScore,
+        Detection,
+        MoAIResult,
+        PerceptionResult,
+        Relation,
+        ScoreResult,
+        Segment,
+        TextLine,
+        TokenLogprob,
+        TopLogprob,
+    )
+    from .structured import StructuredOutputs
     from .tokenization import MoAITokenizer
     from .verbalization import VerbalizationParts, verbalize, verbalize_parts
     from .viz import plot_perception

@@ -19,6 +19,7 @@ Perception-only jobs (``/v1/perceive``) run one at a time on a thread of their o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -28,9 +29,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
 from ..engine import EngineStats, MoAIEngine, RequestCancelled, RequestHandle
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 from ..pipeline import MoAIPipeline
 from ..prompts import build_prompt
+from ..results import MoAIResult
 from .metrics import ServerMetrics
 from .protocol import APIError
 from .scheduler import Answer, Job, ModelInfo, api_error
@@ -166,7 +168,7 @@ class EngineScheduler:
             self.metrics.queue_depth.set(self.queue_depth)
             self._perceive.put(job)
             return
-        state = {"first": None, "last": None}
+        state: dict[str, Any] = {"first": None, "last": None, "text": ""}
 
         def on_token(token_id: int, piece: str) -> None:
             now = time.perf_counter()
@@ -180,21 +182,69 @@ class EngineScheduler:
             if piece and job.stream:
                 if job.first_text is None:
                     job.first_text = now
+                state["text"] += piece
                 job.emit("delta", piece)
 
-        handle = self.engine.submit(job.image, job.prompt, generation_config=job.settings, on_token=on_token)
+        outputs = job.outputs
+        stream = on_token if outputs.n == 1 else None  # n choices arrive whole (see app._sse)
+        fmt = outputs.response_format
+        if fmt is None:
+            handles = [
+                self.engine.submit(
+                    job.image,
+                    job.prompt,
+                    generation_config=job.settings,
+                    on_token=stream,
+                    n=outputs.n,
+                    logprobs=outputs.logprobs,
+                )
+            ]
+            constraints: list[Any] = [None] * outputs.n
+        else:
+            # a constraint holds one matcher's state: each choice is its own engine request, choice j seeded
+            # seed + j as the engine seeds its n choices (the perception comes from the expert cache)
+            constraints = [self.pipe.structured.constraint(fmt) for _ in range(outputs.n)]
+            handles = []
+            for j, constraint in enumerate(constraints):
+                settings = job.settings
+                if outputs.n > 1 and settings.do_sample and settings.seed is not None:
+                    settings = dataclasses.replace(settings, seed=(settings.seed + j) % 2**64)
+                handles.append(
+                    self.engine.submit(
+                        job.image,
+                        job.prompt,
+                        generation_config=settings,
+                        on_token=stream,
+                        logprobs=outputs.logprobs,
+                        constraint=constraint,
+                    )
+                )
+        handle = _Handles(handles)
         with self._lock:
             self._handles[job] = handle
         self.metrics.queue_depth.set(self.queue_depth)
-        handle.add_done_callback(lambda h: self._done(job, h))
+        remaining = [sum(len(h.choices) for h in handles)]
+        counter = threading.Lock()
+
+        def one_done(_h: RequestHandle) -> None:
+            with counter:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self._done(job, handle, constraints, state["text"] if stream is not None else None)
+
+        for h in handles:
+            for choice in h.choices:
+                choice.add_done_callback(one_done)
         if job.cancelled.is_set():  # abandoned meanwhile
             handle.cancel()
 
-    def _done(self, job: Job, handle: RequestHandle) -> None:
+    def _done(self, job: Job, handle: _Handles, constraints: list[Any], streamed: Optional[str] = None) -> None:
         with self._lock:
             self._handles.pop(job, None)
         try:
-            result = handle.result(0)
+            choices = self._choices(job, handle, constraints)
+            result = choices[0][0]
         except RequestCancelled:
             job.finish("error", APIError(499, "the client went away", code="client_gone"))
             return
@@ -205,7 +255,38 @@ class EngineScheduler:
             job.finish("error", error)
             return
         self.metrics.request_stages(result.timings)
-        job.finish("result", Answer(result, handle.output.finish_reason, max(1, self._running_rows)))
+        if (
+            job.stream
+            and streamed is not None
+            and result.text.startswith(streamed)
+            and len(result.text) > len(streamed)
+        ):
+            job.emit("delta", result.text[len(streamed) :])  # text held back while it could still change (an
+            # incomplete UTF-8 sequence at the end): the stream concatenates to the answer
+        job.finish("result", Answer(result, choices[0][1], max(1, self._running_rows), choices))
+
+    def _choices(self, job: Job, handle: _Handles, constraints: list[Any]) -> list[tuple[MoAIResult, str]]:
+        """Every choice's result and finish reason: typed log-probabilities, and for structured answers the
+        grammar's text and the parsed value."""
+        choices = []
+        for choice, constraint in zip(handle.choices, constraints):
+            result, output = choice.result(0), choice.output
+            reason = output.finish_reason
+            update: dict[str, Any] = {"finish_reason": reason}
+            if output.logprobs is not None:
+                update["logprobs"] = self.pipe.token_logprobs(output.logprobs)
+            if constraint is not None:
+                text = constraint.text
+                stops = [text.find(s) for s in job.settings.stop if s and s in text]
+                update["text"] = text[: min(stops)] if stops else text
+                if constraint.is_terminated():
+                    reason = update["finish_reason"] = "stop"
+                    try:
+                        update["parsed"] = constraint.format.parse(update["text"])
+                    except GenerationError as exc:
+                        logger.info("request %s: the structured answer does not parse: %s", job.id, exc)
+            choices.append((result.model_copy(update=update), reason))
+        return choices
 
     def cancel(self, job: Job) -> bool:
         abandoned = job.abandon()
@@ -264,6 +345,23 @@ class EngineScheduler:
     def describe(self) -> dict[str, Any]:
         stats = self.engine.stats()
         return {"scheduling": self.engine.scheduling, "running": stats.running, "waiting": stats.waiting}
+
+
+class _Handles:
+    """The engine requests of one server job (one with ``n`` choices, or one per choice when each choice needs
+    its own grammar matcher): their choices in order, cancelled together."""
+
+    def __init__(self, handles: list[RequestHandle]) -> None:
+        self.handles = handles
+        self.choices = [c for h in handles for c in h.choices]
+
+    @property
+    def state(self) -> Any:
+        return self.handles[0].state
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
 
 
 __all__ = ["EngineScheduler"]
