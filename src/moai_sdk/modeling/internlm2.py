@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import embedding
 from ..errors import ConfigError, InputError
 from .config import MoAIConfig
 
@@ -72,7 +73,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(self.base), persistent=False)
 
     def _inv_freq(self, base: float, device=None) -> torch.Tensor:
-        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+        target = torch.empty(0, device=device).device
+        # On the meta device (the loader builds there) the values are placeholders: compute them on the CPU, since
+        # meta-device arithmetic runs Python references that import torch._dynamo (~230 MiB) on first use.
+        where = torch.device("cpu") if target.type == "meta" else target
+        return (1.0 / (base ** (torch.arange(0, self.dim, 2, device=where).float() / self.dim))).to(target)
 
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) frequency buffer, e.g. after building on the meta device."""
@@ -357,7 +362,7 @@ class InternLM2Model(nn.Module):
     def __init__(self, config: MoAIConfig, mixers: dict[int, nn.Module] | None = None):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size + 1, config.hidden_size)
+        self.tok_embeddings = embedding(config.vocab_size + 1, config.hidden_size)
         mixers = mixers or {}
         self.layers = nn.ModuleList(
             InternLM2DecoderLayer(config, mixers.get(i)) for i in range(config.num_hidden_layers)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import embedding
 from ..errors import ConfigError, InputError
 from .config import MoAIConfig
 
@@ -74,8 +75,10 @@ class CLIPEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(width))
         self.patch_embedding = nn.Conv2d(c["num_channels"], width, kernel_size=patch, stride=patch, bias=False)
         positions = (self.image_size // patch) ** 2 + 1
-        self.position_embedding = nn.Embedding(positions, width)
-        self.register_buffer("position_ids", torch.arange(positions).expand((1, -1)), persistent=False)
+        self.position_embedding = embedding(positions, width)
+        # counted on the CPU and moved: arange on the meta device (where the loader builds) imports sympy (~110 MiB)
+        ids = torch.arange(positions, device="cpu").to(self.class_embedding.device)
+        self.register_buffer("position_ids", ids.expand((1, -1)), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = pixel_values.shape
