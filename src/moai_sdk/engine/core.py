@@ -73,7 +73,8 @@ class EngineStats:
     """A snapshot of the engine: rows running, requests waiting, KV memory, steps."""
 
     running: int
-    waiting: int
+    waiting: int  #: submitted, not decoding yet (in perception, or prepared and waiting for a KV slot)
+    preparing: int  #: of ``waiting``: the request perception is working on now
     kv_used_bytes: int
     kv_reserved_bytes: int
     kv_allocated_bytes: int
@@ -303,6 +304,7 @@ class MoAIEngine:
         return EngineStats(
             running=len(sched.running) if sched else 0,
             waiting=waiting,
+            preparing=int(self._worker.busy) if self._worker else 0,
             kv_used_bytes=pool.used_bytes if pool else 0,
             kv_reserved_bytes=pool.reserved_bytes if pool else 0,
             kv_allocated_bytes=pool.allocated_bytes if pool else 0,

@@ -135,9 +135,10 @@ class EngineScheduler:
     # --- queue -----------------------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Requests accepted but not yet decoding (waiting for perception, a KV slot, or the perceive thread)."""
+        """Requests accepted and waiting: for perception (the one being prepared does not count, as a request
+        the batcher had taken did not), for a KV slot, or for the perceive thread."""
         stats = self.engine.stats()
-        return stats.waiting + self._perceive_waiting
+        return stats.waiting - stats.preparing + self._perceive_waiting
 
     def retry_after(self) -> int:
         stats = self.engine.stats()
@@ -303,7 +304,7 @@ class EngineScheduler:
             m.step_seconds.observe(seconds)
         m.running.set(stats.running)
         m.waiting.set(stats.waiting)
-        m.queue_depth.set(stats.waiting + self._perceive_waiting)
+        m.queue_depth.set(stats.waiting - stats.preparing + self._perceive_waiting)
         m.kv_used.set(stats.kv_used_bytes)
         m.kv_reserved.set(stats.kv_reserved_bytes)
         m.kv_allocated.set(stats.kv_allocated_bytes)
