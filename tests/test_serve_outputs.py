@@ -224,6 +224,8 @@ def test_n_choices_reproduce_single_seeded_requests(client):
             texts[c.index] += c.delta.content or ""
     assert [texts[i] for i in range(3)] == [c.message.content for c in reply.choices]
     assert len(_ask(client, "Tell me.", n=3, max_tokens=3).choices) == 3  # greedy: three equal choices
+    with pytest.raises(openai.BadRequestError, match="n must be"):  # more choices than rows (--max-batch-size 8)
+        _ask(client, "Tell me.", n=12, max_tokens=3)
 
 
 def test_model_by_id_unknown_fields_seeds_and_the_400s_that_stay(server, client):

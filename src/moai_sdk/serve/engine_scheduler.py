@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
 from ..engine import EngineStats, MoAIEngine, RequestCancelled, RequestHandle
-from ..errors import ConfigError, GenerationError
+from ..errors import ConfigError, GenerationError, MoAIError
 from ..pipeline import MoAIPipeline
 from ..prompts import build_prompt
 from ..results import MoAIResult
@@ -190,7 +190,8 @@ class EngineScheduler:
         fmt = outputs.response_format
         if fmt is None:
             handles = [
-                self.engine.submit(
+                self._engine_submit(
+                    [],
                     job.image,
                     job.prompt,
                     generation_config=job.settings,
@@ -210,7 +211,8 @@ class EngineScheduler:
                 if outputs.n > 1 and settings.do_sample and settings.seed is not None:
                     settings = dataclasses.replace(settings, seed=(settings.seed + j) % 2**64)
                 handles.append(
-                    self.engine.submit(
+                    self._engine_submit(
+                        handles,
                         job.image,
                         job.prompt,
                         generation_config=settings,
@@ -238,6 +240,16 @@ class EngineScheduler:
                 choice.add_done_callback(one_done)
         if job.cancelled.is_set():  # abandoned meanwhile
             handle.cancel()
+
+    def _engine_submit(self, submitted: list[RequestHandle], *args: Any, **kwargs: Any) -> RequestHandle:
+        """``engine.submit``; a request the engine refuses (``n`` above ``--max-num-seqs``, ...) is the client's
+        error (400), and the choices already submitted for the job are cancelled."""
+        try:
+            return self.engine.submit(*args, **kwargs)
+        except MoAIError as exc:
+            for h in submitted:
+                h.cancel()
+            raise api_error(exc) from exc
 
     def _done(self, job: Job, handle: _Handles, constraints: list[Any], streamed: Optional[str] = None) -> None:
         with self._lock:
