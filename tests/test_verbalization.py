@@ -189,9 +189,18 @@ def test_join_parts_matches_official(case):
     assert join_parts(*case["args"]) == case["output"]
 
 
+HELPER_CASES = ("seg", "od", "sgg", "ocr", "human_string")  # the keys parametrized above
+
+
 def test_every_fixture_helper_was_exercised():
-    assert {len(VERB[k]) for k in ("seg", "od", "sgg", "ocr", "human_string")} >= {8}
-    assert set(VERB) >= {"seg", "od", "sgg", "ocr", "human_string"}
+    # Every list of helper cases in the fixture is one the tests above parametrize over (a helper added to the
+    # fixture without a test fails here), and each keeps at least 8 distinctly named cases.
+    case_lists = {k for k, v in VERB.items() if isinstance(v, list)}
+    assert case_lists == set(HELPER_CASES)
+    for key in HELPER_CASES:
+        names = [c["name"] for c in VERB[key]]
+        assert len(names) >= 8, f"{key}: {len(names)} cases"
+        assert len(set(names)) == len(names), f"{key}: duplicate case names"
 
 
 # ----------------------------------------------------------------------------------------------------------
