@@ -37,6 +37,7 @@ from .cli_options import generation_kwargs
 from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
 from .errors import ConfigError, InputError, MoAIError
+from .evaluation import cli as eval_cli
 from .experts.base import available_experts, get_expert_class
 from .experts.selection import DEFAULT_EXPERTS, resolve_experts
 from .experts.weights import TRANSFORMERS_BIN_PATTERNS, TRANSFORMERS_FILE_PATTERNS
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--workdir", default=None, help="where to build the tiny model (default: a temporary folder)")
     batch_cli.add_parsers(sub)
+    eval_cli.add_parsers(sub)  # moai eval; the benchmark tasks of moai score
 
     serve_cli.add_parser(sub)
     return parser
@@ -527,6 +529,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "info": cmd_info,
     "demo": cmd_demo,
     **batch_cli.COMMANDS,
+    "eval": eval_cli.cmd_eval,
+    "score": eval_cli.make_cmd_score(batch_cli.cmd_score),
     "serve": serve_cli.run,
 }
 
