@@ -1,4 +1,5 @@
-"""The ``moai`` command line: ``run``, ``perceive``, ``download``, ``info``, ``demo``, ``batch``, ``score``, ``serve``.
+"""The ``moai`` command line: ``run``, ``perceive``, ``download``, ``info``, ``demo``, ``batch``, ``score``, ``eval``,
+``serve``.
 
 * ``moai run IMAGE PROMPT`` -- answer a question about an image (``--json`` for the full typed result,
   ``--stream`` to print the answer while it is generated, ``--plot`` for the perception picture);
@@ -6,7 +7,8 @@
 * ``moai download [MODEL]`` -- fetch the model and every configured expert's weights into the Hugging Face cache;
 * ``moai info`` -- versions, CUDA / bitsandbytes availability, registered experts and what is cached;
 * ``moai demo`` -- the whole pipeline offline on a tiny random MoAI plus the real offline OCR;
-* ``moai batch`` / ``moai score`` (:mod:`moai_sdk.batch.cli`) and ``moai serve`` (:mod:`moai_sdk.serve.cli`).
+* ``moai batch`` (:mod:`moai_sdk.batch.cli`), ``moai eval`` / ``moai score`` (:mod:`moai_sdk.evaluation.cli`) and
+  ``moai serve`` (:mod:`moai_sdk.serve.cli`).
 
 Errors print one line (``moai: error: ...``) on stderr and exit with status 1 (2 for bad arguments).
 
@@ -61,6 +63,7 @@ from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
 from .defaults import DEFAULT_MODEL_ID, DEFAULT_VISION_TOWER_ID
 from .errors import ConfigError, InputError, MoAIError
+from .evaluation import cli as eval_cli
 from .serve import cli as serve_cli
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -239,9 +242,16 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "score",
         batch_cli.SCORE_HELP,
-        batch_cli.add_score_arguments,
-        "moai_sdk.batch.cli:cmd_score",
+        eval_cli.add_score_arguments,
+        "moai_sdk.evaluation.cli:cmd_score",
         description=batch_cli.SCORE_DESCRIPTION,
+    ),
+    Command(
+        "eval",
+        eval_cli.EVAL_HELP,
+        eval_cli.add_eval_arguments,
+        "moai_sdk.evaluation.cli:cmd_eval",
+        description=eval_cli.EVAL_DESCRIPTION,
     ),
     Command(
         "serve", serve_cli.HELP, serve_cli.add_arguments, "moai_sdk.serve.cli:run", description=serve_cli.DESCRIPTION

@@ -29,7 +29,7 @@ BATCH_DESCRIPTION = (
     "answer, verbalization, token_counts, timings, error and the manifest's other columns. Completed batches "
     "are journaled, so a killed run can be continued with --resume."
 )
-SCORE_HELP = "the paper's metrics (POPE, multiple choice, exact match) of a moai batch output"
+SCORE_HELP = "score a moai eval / moai batch output: the paper's benchmarks, multiple choice, exact match"
 SCORE_DESCRIPTION = "Score OUTPUT's answers against its label column. Rows with an error are not scored."
 
 
