@@ -111,7 +111,7 @@ def test_judge_through_a_local_moai_serve(data, pipe, root, tmp_path):
     from moai_sdk.evaluation.judge import Judge
 
     data_root, _ = data
-    server = ServerProcess(root / "tiny", tmp_path / "judge.log", ["--experts", "none"], startup_s=600)
+    server = ServerProcess(root / "tiny", tmp_path / "judge.log", ["--experts", "none"], startup_s=240)
     try:
         judge = Judge(server.base + "/v1", "moai-tiny", image=True, max_tokens=4)
         vet = evaluate("mmvet", data_root, tmp_path / "vet.jsonl", pipeline=pipe, generation=SHORT, judge=judge,
