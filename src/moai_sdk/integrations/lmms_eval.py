@@ -175,8 +175,9 @@ class MoAI(_LMMBase):  # type: ignore[misc,valid-type]
         bar.close()
         return [a if a is not None else "" for a in answers]
 
-    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        """Per request ``(value, is_greedy)`` through ``pipe.score``, in the order of ``requests``.
+    def loglikelihood(self, requests: list[Any]) -> list[Any]:
+        """Per request ``(value, is_greedy)`` through ``pipe.score``, in the order of ``requests`` (each pair
+        wrapped where the installed lmms-eval needs it: :func:`_for_evaluator`).
 
         Requests with the same document and context are scored together (one perception and one prefill per
         prompt, shared by all its continuations -- a multiple-choice question's choices); ``batch_size`` prompts
@@ -211,7 +212,7 @@ class MoAI(_LMMBase):  # type: ignore[misc,valid-type]
                     self.cache_hook.add_partial("loglikelihood", (key[3], continuation), pair)
                 bar.update(len(groups[key][1]))
         bar.close()
-        return _for_evaluator(out)  # type: ignore[arg-type]  # every request's position is filled above
+        return _for_evaluator(out)  # type: ignore[arg-type]  # every position is filled above
 
     def _ll_value(self, scored: Any) -> float:
         """The number lmms-eval records for one scored continuation (the ``loglikelihood`` model_arg)."""
