@@ -167,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     batch_cli.add_parsers(sub)
 
     serve_cli.add_parser(sub)
+
+    ui = sub.add_parser("ui", help="a web playground (Gradio): answer, what the experts saw, gates, ablation")
+    ui.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="Hub id or checkpoint folder")
+    _add_model_options(ui)
+    _add_hub_options(ui)
+    _add_experts_option(ui)
+    ui.add_argument("--tiny", default=None, metavar="DIR", help="a tiny random MoAI built in DIR (offline demo)")
+    ui.add_argument("--server", default=None, metavar="URL", help="use a running `moai serve` at URL instead")
+    ui.add_argument("--api-key", default=None, help="the server's API key (default: $MOAI_API_KEY if set)")
+    ui.add_argument("--template", default="chat", choices=["chat", "demo"])
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    ui.add_argument("--max-image-bytes", type=int, default=20 * 2**20, help="largest upload (default: 20 MiB)")
+    ui.add_argument("--max-new-tokens", type=int, default=64, help="the page's initial maximum (default: 64)")
     return parser
 
 
@@ -520,6 +535,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui.cli import run as run_ui  # Gradio and the pipeline load only for this command
+
+    return run_ui(args)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "perceive": cmd_perceive,
@@ -528,6 +549,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     **batch_cli.COMMANDS,
     "serve": serve_cli.run,
+    "ui": cmd_ui,
 }
 
 
