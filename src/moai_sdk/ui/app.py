@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 try:
     import gradio as gr
+    import pandas as pd  # a dependency of Gradio's: the ablation table's value
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     from ..errors import DependencyError
 
@@ -208,7 +209,7 @@ def create_ui(
                 upload, question, tasks, settings = prepare(value, question, tasks, tokens, temp, p)
                 seen = backend.perceive(upload, tasks)
                 rows = backend.ablate(upload, question, seen, settings)
-                return "", {"data": rows, "headers": ABLATION_HEADERS}
+                return "", pd.DataFrame(rows, columns=ABLATION_HEADERS)
             except Exception as exc:  # shown on the page; the page stays usable
                 return _message(exc), gr.skip()
 
@@ -230,7 +231,7 @@ def create_ui(
         )
         ablate.click(on_ablate, inputs=inputs, outputs=[error, ablation], preprocess=False, api_name="ablate")
         clear.click(
-            lambda: ("", None, "", None, "", None, None, {"data": [], "headers": ABLATION_HEADERS}),
+            lambda: ("", None, "", None, "", None, None, pd.DataFrame(columns=ABLATION_HEADERS)),
             outputs=[error, image, answer, perception, verbalization, gates, details, ablation],
             api_name=False,
         )
