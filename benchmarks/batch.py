@@ -1,9 +1,10 @@
-"""Throughput of ``moai batch``: the local runner batched vs batch size 1, and the Ray runner with 2 actors.
+"""Throughput of ``moai batch``: the local runner (batch size 1, static batches, the continuous engine) and Ray.
 
 Usage::
 
     python -m benchmarks.batch                       # tiny MoAI on CPU, 16 images, light experts
     python -m benchmarks.batch --images 32 --max-new-tokens 16 --out benchmarks/results/batch-cpu.json
+    python -m benchmarks.batch --images 24 --max-new-tokens 96 --stop-ids 40 --skip-ray   # mixed answer lengths
 
 All three runs answer the same images with the same greedy settings, and the benchmark checks that they wrote
 the same answers (a disagreement exits with status 1). Reported per run: items/s over the run (model loading
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--experts", default="light", choices=["light", "tiny", "none"])
     parser.add_argument("--ray-actors", type=int, default=2)
+    parser.add_argument(
+        "--stop-ids",
+        type=int,
+        default=0,
+        help="mixed answer lengths: end answers at any of this many token ids (the tiny model's tokens are random)",
+    )
+    parser.add_argument("--skip-ray", action="store_true", help="only the local runs")
     parser.add_argument("--workdir", default=None, help="where to build the tiny model (default: a temporary folder)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -61,14 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.images):
             demo_image(f"B{i}", size=(96 + 4 * i, 80)).save(images / f"{i:03d}.png")
         experts = experts_for(args.experts, root)
-        gen = {"max_new_tokens": args.max_new_tokens}
+        gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+        if args.stop_ids:  # mixed answer lengths: the tiny model's random answers end at any of these ids
+            gen["eos_token_id"] = list(range(2, 2 + args.stop_ids))
         pipe = tiny_pipeline(root / "tiny", experts=experts)
         pipe(str(images / "000.png"), "warm-up", **gen)  # load the model and the experts outside the timings
 
         results: list[dict[str, Any]] = []
         outputs: dict[str, Path] = {}
-        for name, batch_size in (("local, batch size 1", 1), (f"local, batch size {args.batch_size}", args.batch_size)):
-            out = root / f"local-{batch_size}.jsonl"
+        runs = [
+            ("local, batch size 1", 1, "static"),
+            (f"local, batch size {args.batch_size} (static batches)", args.batch_size, "static"),
+            (f"local, batch size {args.batch_size} (continuous, engine)", args.batch_size, "continuous"),
+        ]
+        for name, batch_size, scheduling in runs:
+            out = root / f"local-{batch_size}-{scheduling}.jsonl"
             pipe.cache.clear()  # no expert results reused from the warm-up or the previous run
             stats = run(
                 images,
@@ -79,16 +94,31 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=batch_size,
                 overwrite=True,
                 progress=False,
+                scheduling=scheduling,
             )
+            lengths = [
+                json.loads(r["token_counts"])["generated"]
+                if isinstance(r["token_counts"], str)
+                else r["token_counts"]["generated"]
+                for r in read_rows(out)
+                if r["error"] is None
+            ]
             results.append(
                 {
                     "run": name,
                     "items": stats["rows"],
                     "seconds": stats["seconds"],
                     "items_per_second": stats["items_per_second"],
+                    "mean_answer_tokens": sum(lengths) / max(1, len(lengths)),
+                    "max_answer_tokens": max(lengths, default=0),
                 }
             )
             outputs[name] = out
+
+        if args.skip_ray:
+            reference = answers(outputs["local, batch size 1"])
+            mismatched = [name for name, path in outputs.items() if answers(path) != reference]
+            return _report(args, results, mismatched, None)
 
         import ray
 
@@ -128,19 +158,24 @@ def main(argv: list[str] | None = None) -> int:
 
         reference = answers(outputs["local, batch size 1"])
         mismatched = [name for name, path in outputs.items() if answers(path) != reference]
+    return _report(args, results, mismatched, startup)
 
+
+def _report(args: Any, results: list[dict[str, Any]], mismatched: list[str], startup: float | None) -> int:
     print(
         f"moai batch throughput: tiny MoAI, {args.images} images, experts={args.experts}, "
         f"max_new_tokens={args.max_new_tokens}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     )
-    print("| run | items | seconds | items/s |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| run | items | seconds | items/s | answer tokens (mean / max) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['run']} | {r['items']} | {r['seconds']:.1f} | {r['items_per_second']:.3f} |")
-    print(
-        f"Ray start-up (ray.init of a local cluster): {startup:.1f} s; the Ray run's seconds include building one "
-        "pipeline per actor"
-    )
+        tokens = f"{r['mean_answer_tokens']:.1f} / {r['max_answer_tokens']}" if "mean_answer_tokens" in r else ""
+        print(f"| {r['run']} | {r['items']} | {r['seconds']:.1f} | {r['items_per_second']:.3f} | {tokens} |")
+    if startup is not None:
+        print(
+            f"Ray start-up (ray.init of a local cluster): {startup:.1f} s; the Ray run's seconds include building "
+            "one pipeline per actor"
+        )
     print("same answers in every run" if not mismatched else f"ANSWERS DIFFER in: {mismatched}")
     if args.out:
         Path(args.out).write_text(

@@ -209,14 +209,38 @@ def test_local_rows_equal_single_calls_and_a_corrupt_image_is_one_error_row(tmp_
     assert list(rows[0])[:7] == ["id", "prompt", "answer", "verbalization", "token_counts", "timings", "error"]
 
 
+# `moai batch` whose third pipeline call never returns: the process is certain to be alive, with exactly two rows in
+# its journal, when the test kills it (no race between the journal check and the kill on a fast CPU).
+HOLD_THIRD_CALL = """
+import sys, threading
+from pathlib import Path
+from moai_sdk.pipeline import MoAIPipeline
+
+calls, original = [], MoAIPipeline.__call__
+
+def held(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        Path(sys.argv[1]).write_text("held")
+        threading.Event().wait()
+    return original(self, *args, **kwargs)
+
+MoAIPipeline.__call__ = held
+from moai_sdk.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, tiny_root, pipe):
     ids = write_images(tmp_path / "in", 5)
     experts = json.dumps(light_experts(tiny_root))
     killed = tmp_path / "killed.jsonl"
+    held = tmp_path / "held"
     cmd = [
         sys.executable,
-        "-m",
-        "moai_sdk.cli",
+        "-c",
+        HOLD_THIRD_CALL,
+        str(held),
         "batch",
         str(tmp_path / "in"),
         str(killed),
@@ -237,10 +261,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, tiny_root, p
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if journal.exists() and journal.read_bytes().count(b"\n") >= 2:
+            if held.exists() and journal.exists() and journal.read_bytes().count(b"\n") >= 2:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # held in its third call
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -249,7 +273,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, tiny_root, p
             proc.wait()
     assert not killed.exists()  # the output is written only when a run ends: never half a file
     before, _ = read_journal(journal)
-    assert 2 <= len(before) < 5
+    assert len(before) == 2  # the two rows answered before the kill, each journaled before the next started
 
     resumed = run(
         tmp_path / "in", killed, prompt="Q?", pipeline=pipe, generation=GEN, batch_size=2, resume=True, progress=False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,32 @@ def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+_PROGRESS_BAR = re.compile(r"^[^|]*\d+%\|.*\| *\d+/\d+ \[")  # tqdm: "Loading weights: 100%|███| 66/66 [00:00<...]"
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """The stderr lines that are neither ours (``moai...``: the command's own lines and moai_sdk's loggers) nor a
+    progress bar: third-party warnings and log records (torch's ``W1208 ... _pytree.py`` lines, Python warnings)."""
+    pieces = (piece.strip() for line in stderr.splitlines() for piece in line.split("\r"))
+    return [p for p in pieces if p and not p.startswith("moai") and not _PROGRESS_BAR.match(p)]
+
+
+def test_foreign_lines_keeps_ours_and_progress_bars_and_reports_the_rest():
+    torch_notice = (
+        "W1208 01:25:21.567000 9199 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum subclass and is "
+        "now natively supported by torch.compile as an opaque value type."
+    )
+    py_warning = "/x/site-packages/foo.py:3: FutureWarning: `bar` is deprecated"
+    stderr = (
+        "moai demo: a tiny randomly initialised MoAI\n"
+        f"{torch_notice}\n"
+        "\rLoading weights:   0%|          | 0/66 [00:00<?, ?it/s]\rLoading weights: 100%|##########| 66/66 [00:00<00:00]\n"
+        "moai: WARNING: scene graph expert not configured\n"
+        f"{py_warning}\n"
+    )
+    assert foreign_lines(stderr) == [torch_notice, py_warning]
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +81,7 @@ def test_demo_prints_a_typed_result_and_writes_the_picture(tmp_path):
     assert 1 <= result.token_counts["generated"] <= 4
     assert "random" in proc.stderr  # the demo says its answer is random tokens
     assert Image.open(picture).size == (490, 490)
+    assert foreign_lines(proc.stderr) == []  # no third-party warnings (torchao's pytree notices) between our lines
 
 
 def test_perceive_json_reads_rendered_text(text_image):
@@ -96,6 +125,7 @@ def test_run_on_the_tiny_model_streams_and_prints_json(tiny_root, text_image, tm
     assert 1 <= len(result.new_token_ids) <= 5
     assert proc.stderr.endswith(result.text + "\n")  # with --json the streamed pieces go to stderr
     assert picture.is_file()
+    assert foreign_lines(proc.stderr[: -len(result.text + "\n")]) == []
 
 
 @pytest.mark.parametrize(
@@ -159,41 +189,63 @@ def test_info_reads_hf_hub_offline_and_the_given_cache(value, offline, tmp_path,
     assert repo["repo_id"] == "BK-Lee/MoAI-7B" and repo["used_by"] == "model" and repo["refs"] == ["main"]
 
 
-# --- download: in-process with the Hub functions replaced by fakes -----------------------------------------
+# --- download: in-process, the real huggingface_hub over a local Hub-layout cache (offline) ----------------
+
+COMMIT = "c" * 40
 
 
-class FakeHub:
-    """Records what would be fetched; writes a small checkpoint for the model repo (with or without vision)."""
+def _cache_file(cache: Path, repo_id: str, filename: str, content: bytes, repo_type: str = "model") -> None:
+    """Put ``filename`` into the cached ``main`` snapshot of ``repo_id``, the way huggingface_hub lays it out
+    (``<type>s--owner--name/blobs/<sha256>``, a relative symlink under ``snapshots/<commit>/``, ``refs/main``)."""
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(content)
+    link = repo / "snapshots" / COMMIT / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
 
-    def __init__(self, root: Path, tiny_model: Path, with_vision: bool) -> None:
-        self.root, self.tiny_model, self.with_vision = root, tiny_model, with_vision
+
+def _hub_cache(cache: Path, tiny_model: Path, with_vision: bool) -> None:
+    """The files ``moai download`` fetches for the model and the experts, in a local cache."""
+    from safetensors.torch import load_file, save
+
+    state = load_file(str(tiny_model / "model.safetensors"))
+    if not with_vision:
+        state = {k: v for k, v in state.items() if not k.startswith("vit.")}
+    _cache_file(cache, "BK-Lee/MoAI-7B", "model.safetensors", save(state))
+    _cache_file(cache, "BK-Lee/MoAI-7B", "config.json", (tiny_model / "config.json").read_bytes())
+    _cache_file(cache, "BK-Lee/MoAI-7B", "README.md", b"not in the allow patterns")
+    for repo in ("facebook/mask2former-swin-base-coco-panoptic", "google/owlv2-base-patch16-ensemble"):
+        _cache_file(cache, repo, "config.json", b"{}")
+        _cache_file(cache, repo, "model.safetensors", b"")
+    _cache_file(cache, "ECCV2022/PSG", "OpenPSG/checkpoints/epoch_60.pth", b"x", repo_type="space")
+    _cache_file(cache, "openai/clip-vit-large-patch14-336", "model.safetensors", b"x")
+
+
+class HubSpy:
+    """Records the calls to huggingface_hub's real download functions and passes them through unchanged (an
+    unknown keyword fails in huggingface_hub itself)."""
+
+    def __init__(self) -> None:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
         self.snapshots: list[dict] = []
         self.files: list[dict] = []
+        self.folders: list[Path] = []
+        self._snapshot, self._file = snapshot_download, hf_hub_download
 
-    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, **kwargs):
-        self.snapshots.append(
-            {"repo_id": repo_id, "revision": revision, "allow_patterns": list(allow_patterns), **kwargs}
-        )
-        folder = self.root / repo_id.replace("/", "--")
-        folder.mkdir(parents=True, exist_ok=True)
-        if repo_id == "BK-Lee/MoAI-7B":
-            from safetensors.torch import load_file, save_file
+    def snapshot_download(self, repo_id, **kwargs):
+        self.snapshots.append({"repo_id": repo_id, **kwargs})
+        folder = self._snapshot(repo_id, **kwargs)
+        self.folders.append(Path(folder))
+        return folder
 
-            state = load_file(str(self.tiny_model / "model.safetensors"))
-            if not self.with_vision:
-                state = {k: v for k, v in state.items() if not k.startswith("vit.")}
-            save_file(state, str(folder / "model.safetensors"))
-            (folder / "config.json").write_text((self.tiny_model / "config.json").read_text())
-        else:
-            (folder / "model.safetensors").write_bytes(b"")
-        return str(folder)
-
-    def hf_hub_download(self, repo_id, filename, revision=None, repo_type=None, **kwargs):
-        self.files.append({"repo_id": repo_id, "filename": filename, "repo_type": repo_type})
-        path = self.root / "files" / repo_id.replace("/", "--") / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
-        return str(path)
+    def hf_hub_download(self, repo_id, filename, **kwargs):
+        self.files.append({"repo_id": repo_id, "filename": filename, "repo_type": kwargs.get("repo_type")})
+        return self._file(repo_id, filename, **kwargs)
 
 
 @pytest.mark.parametrize("with_vision", [True, False])
@@ -201,11 +253,14 @@ def test_download_fetches_model_and_expert_weights(tiny_root, tmp_path, monkeypa
     from moai_sdk import cli
     from moai_sdk import hub as hub_module
 
-    hub = FakeHub(tmp_path, tiny_root / "moai", with_vision)
+    cache = tmp_path / "cache"
+    _hub_cache(cache, tiny_root / "moai", with_vision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the real functions resolve from the cache, never the network
+    hub = HubSpy()
     monkeypatch.setattr(hub_module, "snapshot_download", hub.snapshot_download)
     monkeypatch.setattr(hub_module, "hf_hub_download", hub.hf_hub_download)
     status = cli.main(
-        ["download", "--cache-dir", str(tmp_path / "cache"), "--json", "--experts", "mask2former,owlv2,psgtr,rapidocr"]
+        ["download", "--cache-dir", str(cache), "--json", "--experts", "mask2former,owlv2,psgtr,rapidocr"]
     )
     assert status == 0
     report = json.loads(capsys.readouterr().out)["downloaded"]
@@ -217,7 +272,11 @@ def test_download_fetches_model_and_expert_weights(tiny_root, tmp_path, monkeypa
     ]
     model_patterns = hub.snapshots[0]["allow_patterns"]
     assert {"config.json", "*.safetensors", "tokenizer.model"} <= set(model_patterns)
-    assert all(s["cache_dir"] == str(tmp_path / "cache") for s in hub.snapshots)
+    assert all(s["cache_dir"] == str(cache) for s in hub.snapshots)
+    # the real snapshot folders, inside the given cache
+    model_folder = hub.folders[0]
+    assert model_folder == cache / "models--BK-Lee--MoAI-7B" / "snapshots" / COMMIT
+    assert (model_folder / "model.safetensors").is_file()
     psgtr = [f for f in hub.files if f["repo_id"] == "ECCV2022/PSG"]
     assert psgtr == [{"repo_id": "ECCV2022/PSG", "filename": "OpenPSG/checkpoints/epoch_60.pth", "repo_type": "space"}]
     clip = [f for f in hub.files if f["repo_id"] == "openai/clip-vit-large-patch14-336"]
@@ -256,3 +315,24 @@ def test_parse_experts():
         parse_experts("{bad json")
     with pytest.raises(InputError):
         parse_experts("owlv2=")
+
+
+def test_only_torchaos_enum_notices_are_dropped():
+    """The filter moai_sdk installs on torch's pytree logger drops torchao's two notices, nothing else."""
+    import enum
+    import logging
+
+    import moai_sdk
+
+    [quiet] = [f for f in logging.getLogger("torch.utils._pytree").filters if type(f).__name__ == "_TorchaoEnumNotice"]
+    message = "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type."
+
+    def record(cls, msg=message):
+        return logging.LogRecord("torch.utils._pytree", logging.WARNING, "_pytree.py", 630, msg, (cls,), None)
+
+    ours = enum.Enum("Mine", "A B")  # defined here: not torchao's
+    theirs = enum.Enum("KernelPreference", "AUTO", module="torchao.quantization.quantize_.common.kernel_preference")
+    assert quiet.filter(record(theirs)) is False
+    assert quiet.filter(record(ours)) is True
+    assert quiet.filter(record(theirs, "%s is registered twice")) is True
+    assert moai_sdk.__version__  # the filter is installed by importing the package

@@ -133,24 +133,32 @@ def test_rapidocr_line_geometry_and_order(pages):
         assert line.box.x0 == min(xs) and line.box.x1 == max(xs)
 
 
-def test_rapidocr_gets_bgr_and_empty_images(monkeypatch):
+def test_rapidocr_gets_bgr_and_empty_images(monkeypatch, pages):
+    """The real RapidOCR engine, wrapped to see the array it is handed: BGR by default, RGB on request; an image
+    without text gives no lines, a page gives the engine's own lines."""
     exp = create_expert("rapidocr").load()
-    seen = []
+    real, seen, answers = exp.model, [], []
 
-    def engine(arr):
-        seen.append(arr)
-        return None, None
+    def engine(arr, *args, **kwargs):
+        seen.append(arr.copy())
+        answers.append(real(arr, *args, **kwargs))
+        return answers[-1]
 
     monkeypatch.setattr(exp, "model", engine)
     frame = torch.zeros(3, 8, 8, dtype=torch.uint8)
     frame[0] = 200  # red
     (res,) = exp.predict([frame])
-    assert res.text_lines == []
+    assert answers[0][0] is None and res.text_lines == []  # the engine found nothing
     assert seen[0].shape == (8, 8, 3) and seen[0][0, 0].tolist() == [0, 0, 200]  # BGR as the engine expects
+    truth, page, _ = pages[0]
+    (read,) = exp.predict([page])
+    assert seen[1].shape == (490, 490, 3) and np.array_equal(seen[1], page.permute(1, 2, 0).numpy()[:, :, ::-1])
+    assert [t.text for t in read.text_lines] == [line[1] for line in answers[1][0]]  # the engine's own lines
+    assert len(read.text_lines) == len(truth)
     rgb = create_expert("rapidocr", input_order="rgb").load()
     monkeypatch.setattr(rgb, "model", engine)
     rgb.predict([frame])
-    assert seen[1][0, 0].tolist() == [200, 0, 0]
+    assert seen[2][0, 0].tolist() == [200, 0, 0]
 
 
 def test_rapidocr_settings_validation(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import CASE_NAMES, TINY, official_inputs
-from moai_sdk.errors import InputError
+from moai_sdk.errors import ConfigError, InputError
 from moai_sdk.explain import AblationTable, ablation_perceptions, ablation_tasks, mixer_gates
 from moai_sdk.gates import IMAGE_GATE_EXPERTS, LANGUAGE_GATE_EXPERTS, MixerGates
 from moai_sdk.modeling.mixer import EXPERT_NAMES
@@ -272,7 +272,7 @@ def test_ablation_variants_empty_one_part_and_blank_the_map(full_perception):
 
 def test_ablation_task_names_are_checked(full_perception):
     assert ablation_tasks(full_perception, "ocr") == ["ocr"]
-    with pytest.raises(Exception, match="cannot ablate 'lidar'"):
+    with pytest.raises(ConfigError, match="cannot ablate 'lidar'"):
         ablation_tasks(full_perception, ["lidar"])
     with pytest.raises(InputError, match="no ocr output"):
         ablation_tasks(full_perception.without("ocr"), ["ocr"])

@@ -4,7 +4,9 @@ Generated images (modes, sizes, dtypes, shapes, encodings, broken bytes, paths, 
 with lone surrogates, control strings, lengths past the context window) and generation options (types, NaN/inf,
 bools, huge integers) go through ``MoAIPipeline.__call__``. Each must give a valid result or a ``MoAIError`` --
 never another exception -- and afterwards the pipeline's greedy answer to a fixed request must be unchanged.
-Counts per category and outcome are printed at the end of the module (``pytest -s``).
+Inputs the documented contract accepts (any non-empty PIL image, a uint8 HWC array, a short text prompt, in-range
+options) must give a valid result, and each category must have produced both valid results and typed errors. Counts
+per category and outcome are printed at the end of the module (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from moai_sdk import MoAIError, MoAIResult
+from moai_sdk.imageops import prepare_image
 from moai_sdk.testing import demo_image, tiny_pipeline
 
 OUTCOMES: Counter[tuple[str, str]] = Counter()
@@ -32,9 +35,10 @@ def pipe(tmp_path_factory):
     return tiny_pipeline(tmp_path_factory.mktemp("moai-hardening"), experts=None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def fixed(pipe):
-    """The fixed request and its greedy answer, taken before any hostile input."""
+    """The fixed request and its greedy answer, taken before any hostile input (autouse: set up before the
+    module's first test, whatever the order; check with ``pytest --setup-plan``)."""
     image = demo_image("MOAI")
     return image, pipe(image, FIXED_PROMPT, max_new_tokens=6).text
 
@@ -49,13 +53,15 @@ def report():
         print(f"  {category}: {sum(rows.values())} inputs -- " + ", ".join(f"{o} {n}" for o, n in sorted(rows.items())))
 
 
-def _outcome(category: str, call) -> str:
-    """Run ``call``; record and return "valid" or the MoAIError subclass. Any other exception fails the test."""
+def _outcome(category: str, call, must_be_valid: bool = False) -> str:
+    """Run ``call``; record and return "valid" or the MoAIError subclass. Any other exception fails the test, and
+    so does an error where ``must_be_valid`` (an input the documented contract accepts)."""
     try:
         result = call()
     except MoAIError as exc:
         assert str(exc), "a MoAIError must say what went wrong"
         outcome = type(exc).__name__
+        assert not must_be_valid, f"a valid input was rejected: {exc}"
     else:
         results = result if isinstance(result, list) else [result]  # a 4-D array is a batch
         assert results and all(isinstance(r, MoAIResult) and isinstance(r.text, str) for r in results)
@@ -64,9 +70,12 @@ def _outcome(category: str, call) -> str:
     return outcome
 
 
-def _unchanged(pipe, fixed) -> None:
+def _unchanged(pipe, fixed, category: str) -> None:
     image, answer = fixed
     assert pipe(image, FIXED_PROMPT, max_new_tokens=6).text == answer
+    # the category's generated inputs reached both sides: valid results and typed errors
+    outcomes = {o for (c, o), n in OUTCOMES.items() if c == category and n}
+    assert "valid" in outcomes and outcomes - {"valid"}, f"{category}: outcomes {sorted(outcomes)}"
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -117,25 +126,52 @@ strings = st.one_of(
 images = st.one_of(pil_images(), encoded_images(), arrays, tensors, strings, st.binary(max_size=40), st.none())
 
 
+def _accepted_image(image) -> bool:
+    """What load_image_chw documents as accepted: any non-empty PIL image (every mode becomes RGB(A)), a uint8
+    numpy HWC / HW array or torch CHW / HW tensor with 1, 3 or 4 channels."""
+    if isinstance(image, Image.Image):
+        return image.width > 0 and image.height > 0
+    if isinstance(image, np.ndarray | torch.Tensor):
+        shape = tuple(image.shape)
+        uint8 = image.dtype in (np.uint8, torch.uint8)
+        if len(shape) == 2:
+            return uint8 and min(shape) > 0
+        channels, hw = (shape[2], shape[:2]) if isinstance(image, np.ndarray) else (shape[0], shape[1:])
+        return uint8 and len(shape) == 3 and channels in (1, 3, 4) and min(hw) > 0
+    return False
+
+
 @given(image=images)
 def test_any_image_gives_a_result_or_a_moai_error(pipe, image):
-    _outcome("images", lambda: pipe(image, "Hi", max_new_tokens=1))
+    _outcome("images", lambda: pipe(image, "Hi", max_new_tokens=1), must_be_valid=_accepted_image(image))
 
 
 @settings(max_examples=max(1, settings().max_examples // 2))  # each valid batch runs the model on 2-3 images
 @given(batch=st.lists(st.one_of(pil_images(), st.binary(max_size=20)), min_size=2, max_size=3))
 def test_a_batch_error_names_the_image(pipe, batch):
+    bad = [i for i, image in enumerate(batch) if not _loads(image)]
     try:
         pipe(batch, "Hi", max_new_tokens=1)
     except MoAIError as exc:
-        assert "image" in str(exc)
+        assert bad, f"a batch of loadable images was rejected: {exc}"
+        assert f"image {bad[0]} of the batch" in str(exc)  # the first image that does not load on its own
         OUTCOMES[("image batches", type(exc).__name__)] += 1
     else:
+        assert not bad, f"images {bad} do not load alone but the batch was accepted"
         OUTCOMES[("image batches", "valid")] += 1
 
 
+def _loads(image) -> bool:
+    try:
+        prepare_image(image)
+    except MoAIError:
+        return False
+    return True
+
+
 def test_images_leave_the_pipeline_unchanged(pipe, fixed):
-    _unchanged(pipe, fixed)
+    _unchanged(pipe, fixed, "images")
+    _unchanged(pipe, fixed, "image batches")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -155,7 +191,7 @@ def test_any_prompt_gives_a_result_or_a_moai_error(pipe, prompt, template):
 
 
 def test_prompts_leave_the_pipeline_unchanged(pipe, fixed):
-    _unchanged(pipe, fixed)
+    _unchanged(pipe, fixed, "prompts")
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -191,4 +227,4 @@ def test_any_generation_options_give_a_result_or_a_moai_error(pipe, opts):
 
 
 def test_options_leave_the_pipeline_unchanged(pipe, fixed):
-    _unchanged(pipe, fixed)
+    _unchanged(pipe, fixed, "options")

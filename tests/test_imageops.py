@@ -7,6 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from moai_sdk import InputError
@@ -50,6 +52,36 @@ def test_official_resize_is_torchvision_bilinear_without_antialias():
     x = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
     expected = resize(x, [490, 490], interpolation=InterpolationMode.BILINEAR, antialias=False)
     assert torch.equal(official_resize(x), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.sampled_from([1, 3, 4]),
+    height=st.integers(1, 600),
+    width=st.integers(1, 600),
+    size=st.sampled_from([490, 336, 64, 7]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_official_resize_equals_torchvision_bit_for_bit(channels, height, width, size, seed):
+    """The torch-only resize is torchvision's tensor resize exactly: up and down, odd sizes, grey, alpha, no-op."""
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (channels, height, width), dtype=torch.uint8, generator=g)
+    expected = resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=False)[:3]
+    out = official_resize(x, size)
+    assert out.dtype == torch.uint8 and out.is_contiguous()
+    assert torch.equal(out, expected)
+
+
+def test_importing_the_image_code_does_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys, moai_sdk.imageops, moai_sdk.pipeline; print('torchvision' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moai_sdk.modeling.internlm2 import PLoRALinear, RotaryEmbedding, build_attention_bias
+
+pytestmark = pytest.mark.numerics
 
 
 def _angles(rope: RotaryEmbedding, positions: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -7,9 +7,13 @@ import copy
 import pytest
 import torch
 
-from conftest import CASE_NAMES, official_inputs, official_pixel_values, rel_err
+from conftest import CASE_NAMES, assert_argmax_agrees, decided_argmax, official_inputs, official_pixel_values, rel_err
 from oracle_gates import UNPINNED_TOL, oracle_gate_logits
 
+pytestmark = pytest.mark.numerics
+
+#: Relative tolerance against the oracle where nothing amplifies float32 noise: the oracle's own 1-vs-2-thread
+#: band is 3.5e-5 (tests/oracle_gates.py), and different CPU kernels (default / AVX2 / AVX-512) stay inside it.
 TOL = 1e-4
 
 
@@ -65,9 +69,11 @@ def test_prefill_matches_official(tiny_model, cases, cases_meta, name):
     assert rel_err(out.logits[:, -1], cases[f"{name}.logits_last"]) < UNPINNED_TOL
     text = _gather_positions(out.logits, cases[f"{name}.text_positions"])
     assert rel_err(text, cases[f"{name}.logits_text_positions"]) < UNPINNED_TOL
-    # the arg-max agrees wherever the oracle's top-1 margin is not razor thin
+    # the arg-max agrees wherever the oracle's top-1 margin exceeds what UNPINNED_TOL allows (conftest.decided_argmax):
+    # a_demo_full has a text position whose top two logits are 6.7e-5 apart, which AVX-512 kernels flip
+    assert bool(decided_argmax(cases[f"{name}.logits_last"], UNPINNED_TOL).all())
     assert torch.equal(out.logits[:, -1].argmax(-1), cases[f"{name}.logits_last"].argmax(-1))
-    assert torch.equal(text.argmax(-1), cases[f"{name}.logits_text_positions"].argmax(-1))
+    assert_argmax_agrees(text, cases[f"{name}.logits_text_positions"], UNPINNED_TOL)
 
 
 @pytest.mark.parametrize("mode", ["batched", "reference"])
@@ -85,7 +91,9 @@ def test_prefill_with_oracle_gate_logits_matches_official(tiny_model, cases, cas
     assert rel_err(out.logits[:, -1], cases[f"{name}.logits_last"]) < TOL
     text = _gather_positions(out.logits, cases[f"{name}.text_positions"])
     assert rel_err(text, cases[f"{name}.logits_text_positions"]) < TOL
+    assert bool(decided_argmax(cases[f"{name}.logits_last"], TOL).all())
     assert torch.equal(out.logits[:, -1].argmax(-1), cases[f"{name}.logits_last"].argmax(-1))
+    assert_argmax_agrees(text, cases[f"{name}.logits_text_positions"], TOL, min_decided=0.9)
 
 
 def test_vision_features_before_projector(tiny_model, cases, cases_meta):
@@ -97,6 +105,10 @@ def test_vision_features_before_projector(tiny_model, cases, cases_meta):
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_greedy_tokens_and_step_logits(tiny_model, cases, cases_meta, name):
+    """Greedy tokens compared exactly: every one of the oracle's 12 steps has a top-1 margin that the step-logit
+    tolerance decides (conftest.decided_argmax; the thinnest, case c, is 4.9x the bound), so a token can only differ
+    if the step logits are off by more than ``TOL``."""
+    assert bool(decided_argmax(cases[f"{name}.decode_step_logits"], TOL).all())
     out = tiny_model.generate(
         **official_inputs(name, cases, cases_meta),
         max_new_tokens=12,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moai_sdk import ConfigError, GenerationError, InputError, MoAIResult, PerceptionResult
+from moai_sdk import ConfigError, ExpertError, GenerationError, InputError, MoAIResult, PerceptionResult
 from moai_sdk.experts.base import Expert
 from moai_sdk.pipeline import ANSWER_CUT, DEFAULT_EXPERTS, MoAIPipeline, resolve_experts
 from moai_sdk.processing import EMPTY_VERBALIZATION
@@ -284,7 +284,7 @@ def test_on_expert_error_warn_keeps_the_other_parts(tiny_root, image):
     res = p.perceive(image)
     assert any("ocr backend down" in w for w in res.warnings) and res.text_lines == []
     strict = tiny_pipeline(tiny_root, experts=[RecordingOCR(fail=True)])
-    with pytest.raises(Exception, match="ocr backend down"):
+    with pytest.raises(ExpertError, match="test-recording-ocr.*ocr backend down"):
         strict.perceive(image)
     assert tiny_pipeline(tiny_root, experts=[good]).perceive(image).text_lines[0].text == "HELLO"
 

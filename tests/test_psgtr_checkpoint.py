@@ -62,12 +62,26 @@ def test_model_keys_in_checkpoint_spelling_match_the_reference_list(tsv_rows, mo
     assert len(tsv_rows) == 585
 
 
+#: Checksum bound, in units of 2**-24 * sum(|w|): torch's CPU ``randn`` turns the same uniform draws into normals with
+#: its vectorized Box-Muller (AVX2 / AVX-512, bit-identical) or the plain one (``ATEN_CPU_CAPABILITY=default``, and
+#: other CPUs), whose log / sin / cos differ by a few float32 ulps. Each weight then moves by a few ulps of its
+#: Box-Muller radius, so a sum moves by at most a few ulps of the absolute sum: measured sum(|dw|) <= 3.2 units
+#: (default vs AVX-512, all 585 keys). A change of the recipe (seed, order of draws, scale, distribution) moves a
+#: key's sum by about sqrt(n) standard deviations, i.e. by >= 1e-3 of its absolute sum for the largest key (2.4M
+#: weights) -- thousands of times this bound -- so the checksums still pin the recipe the golden fixtures were made
+#: with. (Drawing the weights with numpy would make them bit-identical everywhere, but the mmdet goldens were made
+#: from these torch draws.)
+CHECKSUM_ULPS = 8
+
+
+@pytest.mark.numerics
 def test_synthetic_weights_reproduce_the_reference_checksums(tsv_rows, synthetic):
     assert list(synthetic) == [row[0] for row in tsv_rows]
     for key, _, total, abs_total in tsv_rows:
         t = synthetic[key].double()
-        assert t.sum().item() == pytest.approx(total, rel=1e-7, abs=1e-9), key
-        assert t.abs().sum().item() == pytest.approx(abs_total, rel=1e-7, abs=1e-9), key
+        bound = CHECKSUM_ULPS * 2.0**-24 * abs_total + 1e-9  # + the TSV's 11 significant digits
+        assert abs(t.sum().item() - total) <= bound, key
+        assert abs(t.abs().sum().item() - abs_total) <= bound, key
     assert synthetic["bbox_head.rel_cls_embed.bias"][0] == -20
     assert synthetic["backbone.bn1.num_batches_tracked"].dtype == torch.int64
 

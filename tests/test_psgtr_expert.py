@@ -9,6 +9,7 @@ import torch
 from moai_sdk.errors import CheckpointError, ConfigError
 from moai_sdk.experts import Perception, available_experts, create_expert
 from moai_sdk.experts.scene_graph import PSGTRExpert, prediction_to_fields
+from moai_sdk.labels import load_vocab
 from moai_sdk.results import PerceptionResult
 from moai_sdk.testing import synthetic_state_dict
 from moai_sdk.verbalization import verbalize_scene_graph
@@ -185,9 +186,31 @@ def test_tiny_psgtr_runs_through_the_expert(tmp_path):
     ]
     results = expert.predict(frames)
     assert [r.sources for r in results] == [{"scene_graph": "psgtr"}] * 2
-    for r in results:
-        assert all(0 <= rel.subject_index < len(r.scene_graph_objects) for rel in r.relations)
-        assert all(0 <= rel.predicate_index < 56 for rel in r.relations)
+    # random weights score below the default keep thresholds (0.5 / 0.3): nothing is kept
+    assert all(not r.scene_graph_objects and not r.relations for r in results)
+    # with the keep filter open, every query's entities and relations come through, typed and consistent
+    open_expert = create_expert(
+        "psgtr",
+        model_id=str(weights),
+        device="cpu",
+        entity_score_threshold=0.0,
+        relation_score_threshold=0.0,
+        **tiny_psgtr_settings(),
+    )
+    for r in open_expert.predict(frames):
+        objects = r.scene_graph_objects
+        assert len(objects) >= 2 and len(r.relations) >= 2
+        for rel in r.relations:
+            assert 0 <= rel.subject_index < len(objects) and 0 <= rel.object_index < len(objects)
+            assert rel.subject_index != rel.object_index
+            assert (rel.subject_label, rel.object_label) == (
+                objects[rel.subject_index].label,
+                objects[rel.object_index].label,
+            )
+            assert 0 <= rel.predicate_index < 56 and rel.predicate == load_vocab("PREDICATES")[rel.predicate_index]
+            dist = np.asarray(rel.distribution)
+            assert dist.shape == (57,) and abs(dist.sum() - 1) < 1e-5  # softmax row, column 0 = no relation
+            assert rel.predicate_index == int(dist[1:].argmax()) and rel.score == pytest.approx(dist[1:].max())
     assert expert.model.config.depth == 18 and expert.model.config.num_queries == 10
     with pytest.raises(ConfigError, match="unknown field"):
         create_expert("psgtr", model_id=str(weights), architecture={"depth": 18, "width": 3})

@@ -20,6 +20,8 @@ GOLDEN = Path(__file__).parent / "fixtures" / "psgtr-golden"
 POST_CASES = ("post_a_sq", "post_b_rect", "post_c_dups")
 RESULT_KEYS = ("pan_results", "labels", "rel_pair_idxes", "rel_dists", "rel_labels", "masks", "refine_bboxes")
 
+pytestmark = pytest.mark.numerics
+
 
 def load_case(name: str) -> dict[str, np.ndarray]:
     with np.load(GOLDEN / f"psgtr_golden_{name}.npz") as data:

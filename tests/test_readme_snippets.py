@@ -225,7 +225,9 @@ def test_readme_block_runs(block, offline_readme, tmp_path, capsys):
     for name in reads:
         demo_image(Path(name).stem.upper()[:8] or "MOAI", (320, 240)).save(tmp_path / name)
     namespace = {"__name__": "__readme__", **_given(free, offline_readme)}
-    exec(compile(code, f"README.md:{block.line}", "exec"), namespace)
+    exec(
+        compile(code, f"README.md:{block.line}", "exec", dont_inherit=True), namespace
+    )  # as a script: no __future__ flags of this module
     for name in writes:
         with Image.open(tmp_path / name) as written:
             assert written.size[0] > 0 and written.size[1] > 0

@@ -113,7 +113,9 @@ def test_mask_box_and_segment_from_mask():
     assert mask_box(np.zeros((4, 4), bool)) == (0, 0, 0, 0)
     seg = Segment.from_mask(m, id=7, label="wall-other-merged", category_id=131, score=None)
     assert seg.box.xyxy == (20.0, 10.0, 401.0, 301.0)
-    assert seg.area == 401 and seg.mask is m or np.array_equal(seg.mask, m)
+    assert seg.area == 401  # 40 x 10 block + the lone pixel
+    assert seg.mask.dtype == bool and np.array_equal(seg.mask, m)
+    assert Segment.from_mask(m, id=7, label="x", category_id=0, keep_mask=False).mask is None
     assert seg.clean_label == "wall"
     empty = Segment.from_mask(np.zeros((490, 490), bool), id=2, label="person", category_id=0)
     assert empty.area == 0 and empty.box.xyxy == (0.0, 0.0, 0.0, 0.0)

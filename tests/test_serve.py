@@ -1,12 +1,14 @@
-"""``moai serve``: the server runs in a subprocess on 127.0.0.1 and is driven with the official ``openai`` client.
+"""``moai serve``: the server runs on 127.0.0.1 and is driven with the official ``openai`` client.
 
-Three servers, one per configuration (each started once per module):
+Two servers run in a subprocess (``moai serve``, each started once per module):
 
 * ``served`` -- batching on (``--max-batch-size 16``), the tiny experts, a small ``--max-image-bytes``: answers
   equal the in-process pipeline's, streaming, 16 concurrent clients batched, bad requests, disconnects;
-* ``guarded`` -- ``--api-key``, no batching, ``--max-queue 2``, remote images allowed: 401s, overload -> 429s
-  with every accepted request answered exactly once, remote images from a local HTTP server;
-* ``hurried`` -- ``--request-timeout 1``: a long answer -> 504 and the server stays healthy.
+* ``guarded`` -- ``--api-key``, no batching, ``--max-queue 2``, remote images allowed: 401s, remote images from a
+  local HTTP server.
+
+Overload (429) and ``request_timeout`` (504) run on :class:`HeldServer`: the same app under uvicorn in this process,
+whose model thread the test holds until the outcome is certain, so no outcome depends on the CPU's speed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from benchmarks.serve import ServerProcess  # noqa: E402
+from benchmarks.serve import ServerProcess, _free_port  # noqa: E402
 
 from moai_sdk import PerceptionResult  # noqa: E402
 from moai_sdk.testing import demo_image, tiny_pipeline  # noqa: E402
@@ -133,6 +135,63 @@ def pipe(tiny_dir):
     return tiny_pipeline(tiny_dir)
 
 
+class HeldServer:
+    """``create_app(pipe)`` served by uvicorn on 127.0.0.1 in this process, whose model thread can be held: while
+    :attr:`hold` is set, a batch that reaches the model waits (:attr:`entered` says one is waiting) until
+    :meth:`release`. Makes queue and timeout outcomes forced instead of depending on how fast the CPU is."""
+
+    def __init__(self, pipe, **config) -> None:
+        import uvicorn
+
+        from moai_sdk.serve import create_app
+
+        self.pipe, self.entered, self._go = pipe, threading.Event(), threading.Event()
+        self._encode = pipe.model.encode_images
+
+        def held_encode(pixel_values):  # the first step of the model in every batch
+            self.entered.set()
+            assert self._go.wait(STARTUP_S), "the test never released the model thread"
+            return self._encode(pixel_values)
+
+        pipe.model.encode_images = held_encode
+        port = _free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(pipe, **config), host="127.0.0.1", port=port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + STARTUP_S
+        while not self.healthy():
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.1)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.base + "/health", timeout=10).json()["status"] == "ok"
+        except httpx.TransportError:
+            return False
+
+    def queue_depth(self) -> int:
+        return httpx.get(self.base + "/health", timeout=10).json()["queue_depth"]
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        # 429 and 504 come within about a second; a request that hangs instead fails the test after 60 s
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def metrics(self) -> str:
+        return httpx.get(self.base + "/metrics", timeout=30).text
+
+    def release(self) -> None:
+        self._go.set()
+
+    def stop(self) -> None:
+        self.release()
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.pipe.model.encode_images = self._encode
+
+
 @pytest.fixture(scope="module")
 def served(pipe, tiny_dir, tmp_path_factory):
     server = Server(
@@ -158,6 +217,9 @@ def test_health_models_and_metrics(served):
     assert [m.id for m in models.data] == [MODEL]
     text = served.metrics()
     assert "moai_batch_size_bucket" in text and "moai_queue_depth" in text
+    from test_cli import foreign_lines
+
+    assert foreign_lines(served.log.read_text()) == []  # the start printed no third-party warnings
 
 
 def test_answer_equals_the_pipeline_and_usage_counts_what_the_model_sees(served, pipe):
@@ -254,7 +316,7 @@ def test_seeded_sampling_reproduces_the_pipeline(served, pipe):
         ({"image": "https://example.com/a.png"}, 400, "remote_images_disabled"),
         ({"prompt": "word " * 1500}, 400, "context_length_exceeded"),
         ({"max_tokens": 5000}, 400, "context_length_exceeded"),
-        ({"n": 2}, 400, None),
+        ({"n": 17}, 400, None),  # n choices: 1..16
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, None),
         ({"two_images": True}, 400, None),
         ({"system": True}, 400, None),
@@ -402,36 +464,51 @@ def test_api_key_is_required(guarded):
     assert guarded.healthy()  # probes need no key
 
 
-def test_overload_gives_429_and_every_accepted_request_completes_once(guarded):
-    client = guarded.client(api_key="s3cret")
-    before = guarded.metrics()
+def test_overload_gives_429_and_every_accepted_request_completes_once(pipe):
+    """No batching, a queue of 2: while the model thread is held on the first request, two more wait in the queue
+    and the other nine are refused with 429; once released, the three accepted ones are answered exactly once."""
+    server = HeldServer(pipe, api_key="s3cret", max_batch_size=1, max_queue=2, served_model_name=MODEL)
+    try:
+        client = server.client(api_key="s3cret")
+        before = server.metrics()
 
-    def ask(i: int):
-        try:
-            out = client.chat.completions.with_raw_response.create(
-                model=MODEL, messages=_messages(f"Question {i}?", _data_url(IMAGE)), max_tokens=3, temperature=0
-            )
-            return 200, out.parse().choices[0].message.content, None
-        except openai.RateLimitError as exc:
-            return 429, None, exc.response.headers.get("retry-after")
+        def ask(i: int):
+            try:
+                out = client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=_messages(f"Question {i}?", _data_url(IMAGE)), max_tokens=3, temperature=0
+                )
+                return 200, out.parse().choices[0].message.content, None
+            except openai.RateLimitError as exc:
+                return 429, None, exc.response.headers.get("retry-after")
 
-    with ThreadPoolExecutor(12) as pool:
-        outcomes = list(pool.map(ask, range(12)))
-    accepted = [o for o in outcomes if o[0] == 200]
-    refused = [o for o in outcomes if o[0] == 429]
-    assert len(accepted) + len(refused) == 12 and refused and len(accepted) >= 3
-    assert all(isinstance(text, str) for _, text, _ in accepted)
-    assert all(retry is not None and int(retry) >= 1 for _, _, retry in refused)
-    after = guarded.metrics()
+        with ThreadPoolExecutor(12) as pool:
+            running = [pool.submit(ask, 0)]
+            assert server.entered.wait(STARTUP_S)  # request 0 holds the model thread
+            running += [pool.submit(ask, i) for i in (1, 2)]
+            deadline = time.monotonic() + STARTUP_S
+            while server.queue_depth() < 2:  # requests 1 and 2 wait in the queue
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            refused_early = [ask(i) for i in range(3, 12)]  # the queue is full: each is refused at once
+            server.release()
+            outcomes = [f.result() for f in running] + refused_early
+        accepted = [o for o in outcomes if o[0] == 200]
+        refused = [o for o in outcomes if o[0] == 429]
+        assert len(accepted) == 3 and len(refused) == 9 and refused == refused_early
+        assert all(isinstance(text, str) and text for _, text, _ in accepted)
+        assert all(retry is not None and int(retry) >= 1 for _, _, retry in refused)
+        after = server.metrics()
+    finally:
+        server.stop()
     endpoint = "/v1/chat/completions"
 
     def delta(name, **labels):
         return _metric(after, name, **labels) - _metric(before, name, **labels)
 
-    assert delta("moai_requests_total", endpoint=endpoint, status="200") == len(accepted)
-    assert delta("moai_requests_total", endpoint=endpoint, status="429") == len(refused)
-    assert delta("moai_batch_size_sum") == len(accepted)  # each accepted request ran exactly once
-    assert _metric(after, "moai_queue_depth") == 0 and guarded.healthy()
+    assert delta("moai_requests_total", endpoint=endpoint, status="200") == 3
+    assert delta("moai_requests_total", endpoint=endpoint, status="429") == 9
+    assert delta("moai_batch_size_sum") == 3  # each accepted request ran exactly once
+    assert _metric(after, "moai_queue_depth") == 0
 
 
 def test_remote_images_when_allowed(guarded, tmp_path):
@@ -464,18 +541,24 @@ def test_remote_images_when_allowed(guarded, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_request_timeout_gives_504(pipe, tiny_dir, tmp_path_factory):
-    server = Server(
-        tiny_dir, tmp_path_factory.mktemp("logs") / "hurried.log", "--experts", "none", "--request-timeout", "1"
-    )
+def test_request_timeout_gives_504(pipe):
+    """The model thread is held until the client has its 504, so the answer cannot beat the 1 s timeout; released,
+    the server answers the next request."""
+    server = HeldServer(pipe, request_timeout=1.0, served_model_name=MODEL)
     try:
         with pytest.raises(openai.APIStatusError) as info:
             server.client().chat.completions.create(
-                model=MODEL, messages=_messages("Talk for long.", _data_url(IMAGE)), max_tokens=500, temperature=0
+                model=MODEL, messages=_messages("Talk for long.", _data_url(IMAGE)), max_tokens=5, temperature=0
             )
+        assert server.entered.is_set()  # the request reached the model thread, which was still busy with it
         assert info.value.status_code == 504 and info.value.code == "timeout"
+        server.release()
         assert server.healthy()
         text = server.metrics()
         assert _metric(text, "moai_requests_total", endpoint="/v1/chat/completions", status="504") == 1
+        out = server.client().chat.completions.create(
+            model=MODEL, messages=_messages("Hi", _data_url(IMAGE)), max_tokens=2, temperature=0
+        )
+        assert out.choices[0].message.content is not None
     finally:
         server.stop()

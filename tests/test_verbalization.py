@@ -16,6 +16,8 @@ from PIL import Image
 from moai_sdk.errors import InputError
 from moai_sdk.results import Box, Detection, PerceptionResult, Relation, Segment, TextLine
 from moai_sdk.verbalization import (
+    SCENE_GRAPH_PREFIX,
+    SEGMENTATION_PREFIX,
     VerbalizationParts,
     argpartition_numpy126,
     format_box,
@@ -189,9 +191,18 @@ def test_join_parts_matches_official(case):
     assert join_parts(*case["args"]) == case["output"]
 
 
+HELPER_CASES = ("seg", "od", "sgg", "ocr", "human_string")  # the keys parametrized above
+
+
 def test_every_fixture_helper_was_exercised():
-    assert {len(VERB[k]) for k in ("seg", "od", "sgg", "ocr", "human_string")} >= {8}
-    assert set(VERB) >= {"seg", "od", "sgg", "ocr", "human_string"}
+    # Every list of helper cases in the fixture is one the tests above parametrize over (a helper added to the
+    # fixture without a test fails here), and each keeps at least 8 distinctly named cases.
+    case_lists = {k for k, v in VERB.items() if isinstance(v, list)}
+    assert case_lists == set(HELPER_CASES)
+    for key in HELPER_CASES:
+        names = [c["name"] for c in VERB[key]]
+        assert len(names) >= 8, f"{key}: {len(names)} cases"
+        assert len(set(names)) == len(names), f"{key}: duplicate case names"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,3 +396,179 @@ def test_corrected_equals_official_when_no_quirk_applies(case):
 def test_verbalize_rejects_other_types():
     with pytest.raises(InputError, match="PerceptionResult"):
         verbalize({"segments": []})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NumPy 1.26's argpartition (mutation testing: drive every branch of the introselect port)
+# ----------------------------------------------------------------------------------------------------------
+
+# np.argpartition with NumPy's SIMD selection switched off: the portable introselect NumPy 1.26 ran on every CPU
+# (NumPy 2 uses x86-simd-sort's argselect on AVX-512 machines, a different but equally valid order).
+_PORTABLE_ARGPARTITION = """
+import json, sys
+import numpy as np
+cases = json.load(sys.stdin)
+print(json.dumps([np.argpartition(np.asarray(v, dtype=np.float64), k).tolist() for v, k in cases]))
+"""
+
+
+def _numpy_portable_argpartition(cases: list[tuple[list[float], int]]) -> list[list[int]]:
+    import os
+    import subprocess
+    import sys
+
+    try:
+        dispatch = np._core._multiarray_umath.__cpu_dispatch__  # NumPy 2
+    except AttributeError:
+        dispatch = np.core._multiarray_umath.__cpu_dispatch__  # NumPy 1.x
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(dispatch)}
+    out = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_ARGPARTITION],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def _argpartition_cases() -> list[tuple[list[float], int]]:
+    rng = np.random.default_rng(126)
+    cases: list[tuple[list[float], int]] = [([0.5], 0), ([2.0, 1.0], 0), ([2.0, 1.0], 1), ([1.0, 1.0, 1.0], 2)]
+    for n in (5, 9, 17, 40, 101):
+        for values in (
+            rng.random(n),  # distinct
+            rng.integers(0, 3, n).astype(np.float64),  # many ties
+            np.where(rng.random(n) < 0.2, np.nan, rng.random(n)),  # NaN sorts last
+            np.arange(n, 0, -1, dtype=np.float64),  # descending
+        ):
+            for k in sorted({0, 1, 2, 3, n // 2, n - 2, n - 1}):
+                if 0 <= k < n:
+                    cases.append(([float(x) for x in values], k))
+    # organ pipes exhaust the median-of-3 depth limit: the median-of-medians fallback runs (checked below)
+    for n, k in ((88, 16), (96, 35), (99, 40), (103, 77), (114, 12), (114, 75), (124, 94), (160, 80), (250, 200)):
+        pipe = np.concatenate([np.arange(n // 2), np.arange(n - n // 2, 0, -1)]).astype(np.float64)
+        cases.append(([float(x) for x in pipe], k))
+        cases.append(([float(x) for x in pipe[::-1]], k))
+        cases.append(([float(x) for x in np.arange(n, 0, -1)], k))
+    return cases
+
+
+def test_argpartition_matches_numpys_portable_introselect(monkeypatch):
+    import moai_sdk.verbalization as verbalization_module
+
+    cases = _argpartition_cases()
+    calls = {"median_of_medians": 0, "nested_introselect": 0}
+    mom, intro = verbalization_module._median_of_median5, verbalization_module._introselect
+
+    def counting_mom(*args):
+        calls["median_of_medians"] += 1
+        return mom(*args)
+
+    def counting_intro(v, t, base, num, kth):
+        calls["nested_introselect"] += base > 0
+        return intro(v, t, base, num, kth)
+
+    monkeypatch.setattr(verbalization_module, "_median_of_median5", counting_mom)
+    monkeypatch.setattr(verbalization_module, "_introselect", counting_intro)
+    ours = [argpartition_numpy126(v, k).tolist() for v, k in cases]
+    assert calls["median_of_medians"] > 0 and calls["nested_introselect"] > 0  # every branch was driven
+    reference = _numpy_portable_argpartition(cases)
+    for (v, k), mine, theirs in zip(cases, ours, reference):
+        assert mine == theirs, f"n={len(v)} kth={k}"
+
+
+def test_argpartition_contract():
+    values = [3.0, float("nan"), 1.0, 2.0, 1.0]
+    out = argpartition_numpy126(values, -2)  # negative kth counts from the end, like NumPy
+    assert out.dtype == np.int64 and sorted(out.tolist()) == list(range(5))
+    assert values[out[3]] == 3.0 and np.isnan(values[out[4]])
+    for bad in (5, -6):
+        with pytest.raises(InputError, match=f"kth {bad} out of bounds for 5 values"):
+            argpartition_numpy126(values, bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# segmentation / scene graph / parts details (mutation testing)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _map_result(ids: np.ndarray, boxes: dict[int, list[int]], *, keep_map: bool = True) -> PerceptionResult:
+    """Segments 1..n on an id map, their own boxes / areas given explicitly (possibly wrong on purpose)."""
+    h, w = ids.shape
+    segments = [
+        Segment(id=i, label=label, category_id=0, box=Box.from_xyxy(box, w, h), area=1)
+        for i, (label, box) in zip(sorted(boxes), [(f"thing{i}", boxes[i]) for i in sorted(boxes)])
+    ]
+    return PerceptionResult(
+        image_width=w,
+        image_height=h,
+        frame_width=w,
+        frame_height=h,
+        segments=segments,
+        panoptic_ids=ids if keep_map else None,
+    )
+
+
+def test_segmentation_boxes_come_from_the_map_when_it_is_kept():
+    ids = np.zeros((10, 10), dtype=np.int32)
+    ids[2:4, 3:6] = 1
+    ids[7, 8] = 2  # a one-pixel segment
+    # the segments' own boxes are wrong: with the map kept, the map's boxes are used
+    result = _map_result(ids, {1: [0, 0, 10, 10], 2: [0, 0, 10, 10]})
+    expected = SEGMENTATION_PREFIX + "[0.30, 0.20, 0.60, 0.40] thing1, and [0.80, 0.70, 0.90, 0.80] thing2."
+    assert verbalize_segmentation(result) == expected
+    assert verbalize_segmentation(result, corrected=True) == expected
+    # without the map (and without masks) the segments' own boxes stand in
+    no_map = _map_result(ids, {1: [0, 0, 10, 10], 2: [0, 0, 10, 10]}, keep_map=False)
+    assert verbalize_segmentation(no_map).count("[0.00, 0.00, 1.00, 1.00]") == 2
+
+
+def test_segmentation_on_an_empty_map_is_empty(caplog):
+    ids = np.zeros((6, 6), dtype=np.int32)  # no pixel belongs to any segment
+    result = _map_result(ids, {1: [0, 0, 2, 2], 2: [1, 1, 3, 3]})
+    with caplog.at_level("DEBUG", logger="moai_sdk.verbalization"):
+        assert verbalize_segmentation(result) == ""
+    assert "segmentation part empty: 2 segments but 0 boxes (official behaviour)" in caplog.messages
+    assert verbalize_segmentation(result, corrected=True) == ""
+
+
+def test_relation_scores_compare_in_float32():
+    # 0.8 as a Python float is below float32(0.8); the official helper compares float32 scores: kept
+    objects = [Segment(id=i + 1, label=n, category_id=0, box=Box.zero(), area=0) for i, n in enumerate("ab")]
+    rel = Relation(
+        subject_index=0,
+        object_index=1,
+        subject_label="a",
+        object_label="b",
+        predicate="on",
+        predicate_index=0,
+        score=0.8,
+    )
+    result = _blank(scene_graph_objects=objects, relations=[rel, rel.model_copy(update={"score": 0.79})])
+    assert select_relations([0.8, 0.79], 2) == [0] and select_relations([0.8, 0.79], 2, corrected=True) == [0]
+    assert verbalize_scene_graph(result) == SCENE_GRAPH_PREFIX + "a is on b."
+    assert verbalize_scene_graph(result, corrected=True) == SCENE_GRAPH_PREFIX + "a is on b."
+
+
+def test_corrected_reaches_every_part_and_the_text():
+    seg_case = next(c for c in VERB["seg"] if c["name"] == "segment_without_pixels")
+    sgg_case = next(c for c in VERB["sgg"] if c["name"] == "fewer_relations_than_objects")
+    seg = seg_input_to_result(seg_case["input"])
+    objects, relations = scene_graph_from(sgg_case["input"])
+    result = seg.model_copy(update={"scene_graph_objects": objects, "relations": relations})
+    for corrected in (False, True):
+        parts = verbalize_parts(result, corrected=corrected)
+        assert parts.segmentation == verbalize_segmentation(result, corrected=corrected)
+        assert parts.scene_graph == verbalize_scene_graph(result, corrected=corrected)
+        assert verbalize(result, corrected=corrected) == parts.text
+    assert verbalize_parts(result).segmentation == "" and verbalize_parts(result).scene_graph == ""
+    fixed = verbalize_parts(result, corrected=True)
+    assert fixed.segmentation and fixed.scene_graph
+    assert verbalize(result, corrected=True) == join_parts(fixed.segmentation, "", fixed.scene_graph, "")
+
+
+def test_verbalize_names_the_wrong_type():
+    with pytest.raises(InputError, match="got int"):
+        verbalize(42)

@@ -6,6 +6,7 @@ Public names are importable from here; heavy modules (torch models, transformers
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from . import errors
@@ -22,6 +23,26 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+
+class _TorchaoEnumNotice(logging.Filter):
+    """Drops torch's notice that *torchao* registers its Enum classes with pytree (deprecated since torch 2.10).
+
+    transformers' ``modeling_utils`` imports torchao whenever it is installed (for its quantizer registry), so the
+    first transformers model we build (the CLIP tower, an expert) would print two ``torch/utils/_pytree.py``
+    warnings about ``KernelPreference`` / ``ScaleCalculationMode`` that concern torchao's code and that no user
+    can act on. Only those records are dropped: the message and the enum's module must both match.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("%s is an Enum subclass and is now natively")):
+            return True
+        cls = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not str(getattr(cls, "__module__", "")).startswith("torchao")
+
+
+if not any(isinstance(f, _TorchaoEnumNotice) for f in logging.getLogger("torch.utils._pytree").filters):
+    logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
 _LAZY: dict[str, str] = {
     # model
@@ -43,6 +64,11 @@ _LAZY: dict[str, str] = {
     "TextLine": "moai_sdk.results",
     "PerceptionResult": "moai_sdk.results",
     "MoAIResult": "moai_sdk.results",
+    "TokenLogprob": "moai_sdk.results",
+    "TopLogprob": "moai_sdk.results",
+    "ScoreResult": "moai_sdk.results",
+    "ContinuationScore": "moai_sdk.results",
+    "StructuredOutputs": "moai_sdk.structured",
     "verbalize": "moai_sdk.verbalization",
     "verbalize_parts": "moai_sdk.verbalization",
     "VerbalizationParts": "moai_sdk.verbalization",
@@ -93,7 +119,20 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .pipeline import MoAIPipeline
     from .processing import MoAIInputs, MoAIProcessor
     from .prompts import SYSTEM_PROMPT, build_prompt
-    from .results import Box, Detection, MoAIResult, PerceptionResult, Relation, Segment, TextLine
+    from .results import (
+        Box,
+        ContinuationScore,
+        Detection,
+        MoAIResult,
+        PerceptionResult,
+        Relation,
+        ScoreResult,
+        Segment,
+        TextLine,
+        TokenLogprob,
+        TopLogprob,
+    )
+    from .structured import StructuredOutputs
     from .tokenization import MoAITokenizer
     from .verbalization import VerbalizationParts, verbalize, verbalize_parts
     from .viz import plot_perception

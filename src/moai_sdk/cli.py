@@ -1,31 +1,58 @@
-"""The ``moai`` command line: ``run``, ``perceive``, ``download``, ``info`` and ``demo``.
+"""The ``moai`` command line: ``run``, ``perceive``, ``download``, ``info``, ``demo``, ``batch``, ``score``, ``eval``,
+``serve``, ``ui``.
 
 * ``moai run IMAGE PROMPT`` -- answer a question about an image (``--json`` for the full typed result,
   ``--stream`` to print the answer while it is generated, ``--plot`` for the perception picture);
 * ``moai perceive IMAGE`` -- run the perception experts only (``--json``, ``--plot``);
 * ``moai download [MODEL]`` -- fetch the model and every configured expert's weights into the Hugging Face cache;
 * ``moai info`` -- versions, CUDA / bitsandbytes availability, registered experts and what is cached;
-* ``moai demo`` -- the whole pipeline offline on a tiny random MoAI plus the real offline OCR.
+* ``moai demo`` -- the whole pipeline offline on a tiny random MoAI plus the real offline OCR;
+* ``moai batch`` (:mod:`moai_sdk.batch.cli`), ``moai eval`` / ``moai score`` (:mod:`moai_sdk.evaluation.cli`) and
+  ``moai serve`` (:mod:`moai_sdk.serve.cli`);
+* ``moai ui`` -- the web playground (:mod:`moai_sdk.ui.cli`; arguments here, since importing ``moai_sdk.ui``
+  loads the pipeline's image code).
 
 Errors print one line (``moai: error: ...``) on stderr and exit with status 1 (2 for bad arguments).
+
+How a command is defined (and how to add one)
+---------------------------------------------
+The parser is built, and the arguments are checked, before anything heavy is imported: ``moai --help``,
+``moai COMMAND --help`` and usage errors never import torch, torchvision or transformers
+(``tests/test_cli_imports.py`` checks ``sys.modules`` of a real ``moai`` process). Each command is one
+:class:`Command` in :data:`COMMANDS`:
+
+* ``add_arguments(parser)`` -- adds the command's arguments to its sub-parser. It must live in a *light* module:
+  this file, :mod:`moai_sdk.cli_options` (the shared ``--model`` / ``--experts`` / generation option groups) or a
+  sub-package's ``cli`` module (``moai_sdk.batch.cli``, ``moai_sdk.serve.cli``) that imports only the standard
+  library, ``moai_sdk.errors``, ``moai_sdk.defaults``, ``moai_sdk.prompts`` and ``moai_sdk.cli_options`` at module
+  level. Choices that other modules define (quantization modes, the default model) come from
+  :mod:`moai_sdk.defaults`, which imports nothing.
+* ``handler`` -- ``"package.module:function"``, imported only when the command runs; the function takes the parsed
+  ``argparse.Namespace`` and returns the exit status. Its module may import anything (torch, FastAPI, Ray...).
+  Raise a :class:`~moai_sdk.errors.MoAIError` subclass for a problem the user can fix: :func:`main` prints it as one
+  line and returns 1.
+
+To add ``moai foo``: write ``add_foo_arguments(p)`` and ``cmd_foo(args) -> int`` (for a sub-package, in
+``moai_sdk/foo/cli.py``, importing heavy modules inside ``cmd_foo`` or in another module named by the handler),
+then append one line to :data:`COMMANDS`::
+
+    Command("foo", "one-line help", add_foo_arguments, "moai_sdk.foo.cli:cmd_foo", description="longer text"),
+
+and add ``moai foo --help`` to the commands ``tests/test_cli_imports.py`` runs (it covers every registered command).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
-import importlib.util
+import importlib
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence
-
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence, Union
 
 from . import __version__
 from .batch import cli as batch_cli
@@ -33,19 +60,18 @@ from .cli_options import add_experts_option as _add_experts_option
 from .cli_options import add_generation_options as _add_generation_options
 from .cli_options import add_hub_options as _add_hub_options
 from .cli_options import add_model_options as _add_model_options
+from .cli_options import add_tiny_option as _add_tiny_option
 from .cli_options import generation_kwargs
 from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
+from .defaults import DEFAULT_MODEL_ID, DEFAULT_VISION_TOWER_ID
 from .errors import ConfigError, InputError, MoAIError
-from .experts.base import available_experts, get_expert_class
-from .experts.selection import DEFAULT_EXPERTS, resolve_experts
-from .experts.weights import TRANSFORMERS_BIN_PATTERNS, TRANSFORMERS_FILE_PATTERNS
-from .hub import WEIGHT_FORMATS, HubOptions, cache_path, download_first, env_offline, scan_cache, snapshot
-from .modeling.config import DEFAULT_VISION_TOWER_ID
-from .modeling.loading import VISION_PREFIX, WeightReader, resolve_checkpoint
-from .pipeline import DEFAULT_MODEL_ID
+from .evaluation import cli as eval_cli
 from .serve import cli as serve_cli
-from .testing import demo_image, tiny_pipeline
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hub import HubOptions
+    from .pipeline import MoAIPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +88,6 @@ MODEL_FILE_PATTERNS = (
     "special_tokens_map.json",
 )
 MODEL_BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
-#: Files of a transformers expert repository (kept here for compatibility; each expert now says what it fetches:
-#: :meth:`moai_sdk.experts.Expert.download_plan`).
-EXPERT_FILE_PATTERNS = TRANSFORMERS_FILE_PATTERNS
-EXPERT_BIN_PATTERNS = TRANSFORMERS_BIN_PATTERNS
 
 # Packages reported by ``moai info`` (distribution names).
 _PACKAGES = (
@@ -93,9 +115,41 @@ _PACKAGES = (
 )
 
 
+def __getattr__(name: str) -> Any:
+    # Kept for compatibility, without importing the experts package when the CLI starts: the file patterns of a
+    # transformers expert repository (each expert now says what it fetches: Expert.download_plan).
+    if name in ("EXPERT_FILE_PATTERNS", "EXPERT_BIN_PATTERNS"):
+        from .experts import weights
+
+        return (
+            weights.TRANSFORMERS_FILE_PATTERNS if name == "EXPERT_FILE_PATTERNS" else weights.TRANSFORMERS_BIN_PATTERNS
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # argument parsing
 # ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``moai`` sub-command: its name, help, a light argument builder and its handler (imported when run)."""
+
+    name: str
+    help: str
+    #: Adds the command's arguments to its sub-parser; defined in a module that imports nothing heavy.
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    #: ``"package.module:function"`` taking the parsed namespace, returning the exit status; imported when it runs.
+    handler: Union[str, Callable[[argparse.Namespace], int]]
+    description: Optional[str] = None
+
+    def resolve(self) -> Callable[[argparse.Namespace], int]:
+        """The handler function (imports its module)."""
+        if callable(self.handler):
+            return self.handler
+        module, _, function = self.handler.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,15 +163,7 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``moai`` argument parser."""
-    parser = _Parser(prog=PROG, description="MoAI (Mixture of All Intelligence) from the command line.")
-    parser.add_argument("--version", action="version", version=f"moai-sdk {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = sub.add_parser("run", help="answer a question about an image")
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("image", help="image file (or an http(s) URL with --allow-remote)")
     run.add_argument("prompt", help="the question")
     _add_model_options(run)
@@ -135,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also answer without each expert's output (one batch) and print the table; --json/--plot: the table's",
     )
 
-    perceive = sub.add_parser("perceive", help="run the perception experts on an image")
+
+def _add_perceive_arguments(perceive: argparse.ArgumentParser) -> None:
     perceive.add_argument("image", help="image file (or an http(s) URL with --allow-remote)")
     perceive.add_argument("--allow-remote", action="store_true", help="fetch the image when it is an http(s) URL")
     _add_experts_option(perceive)
@@ -144,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     perceive.add_argument("--include-masks", action="store_true", help="with --json: include masks (COCO RLE)")
     perceive.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
 
-    download = sub.add_parser("download", help="prefetch the model and the experts' weights")
-    download.add_argument("model", nargs="?", default=None, help="Hub id (default: BK-Lee/MoAI-7B)")
+
+def _add_download_arguments(download: argparse.ArgumentParser) -> None:
+    download.add_argument("model", nargs="?", default=None, help=f"Hub id (default: {DEFAULT_MODEL_ID})")
     download.add_argument("--revision", default=None)
     download.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
     download.add_argument("--token", default=None)
@@ -153,27 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--dry-run", action="store_true", help="list what would be fetched, fetch nothing")
     download.add_argument("--json", action="store_true", help="print the plan / outcome as JSON")
 
-    info = sub.add_parser("info", help="versions, CUDA and bitsandbytes, registered experts, cached models")
+
+def _add_info_arguments(info: argparse.ArgumentParser) -> None:
     info.add_argument("--cache-dir", default=None, help="Hugging Face cache folder to inspect")
     info.add_argument("--json", action="store_true")
 
-    demo = sub.add_parser("demo", help="the full pipeline offline on a tiny random MoAI (random answer)")
+
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--json", action="store_true", help="print the MoAIResult as JSON")
     demo.add_argument("--plot", default=None, metavar="OUT.png", help="save the perception picture")
     demo.add_argument("--prompt", default="What is written in the image?")
     demo.add_argument("--image", default=None, help="use this image instead of the generated one")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--workdir", default=None, help="where to build the tiny model (default: a temporary folder)")
-    batch_cli.add_parsers(sub)
 
-    serve_cli.add_parser(sub)
 
-    ui = sub.add_parser("ui", help="a web playground (Gradio): answer, what the experts saw, gates, ablation")
+def _add_ui_arguments(ui: argparse.ArgumentParser) -> None:
     ui.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="Hub id or checkpoint folder")
     _add_model_options(ui)
     _add_hub_options(ui)
     _add_experts_option(ui)
-    ui.add_argument("--tiny", default=None, metavar="DIR", help="a tiny random MoAI built in DIR (offline demo)")
+    _add_tiny_option(ui)
     ui.add_argument("--server", default=None, metavar="URL", help="use a running `moai serve` at URL instead")
     ui.add_argument("--api-key", default=None, help="the server's API key (default: $MOAI_API_KEY if set)")
     ui.add_argument("--template", default="chat", choices=["chat", "demo"])
@@ -182,7 +230,77 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     ui.add_argument("--max-image-bytes", type=int, default=20 * 2**20, help="largest upload (default: 20 MiB)")
     ui.add_argument("--max-new-tokens", type=int, default=64, help="the page's initial maximum (default: 64)")
+
+
+#: Every ``moai`` command, in the order of ``moai --help`` (see the module docstring to add one).
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "answer a question about an image", _add_run_arguments, "moai_sdk.cli:cmd_run"),
+    Command("perceive", "run the perception experts on an image", _add_perceive_arguments, "moai_sdk.cli:cmd_perceive"),
+    Command(
+        "download", "prefetch the model and the experts' weights", _add_download_arguments, "moai_sdk.cli:cmd_download"
+    ),
+    Command(
+        "info",
+        "versions, CUDA and bitsandbytes, registered experts, cached models",
+        _add_info_arguments,
+        "moai_sdk.cli:cmd_info",
+    ),
+    Command(
+        "demo",
+        "the full pipeline offline on a tiny random MoAI (random answer)",
+        _add_demo_arguments,
+        "moai_sdk.cli:cmd_demo",
+    ),
+    Command(
+        "batch",
+        batch_cli.BATCH_HELP,
+        batch_cli.add_batch_arguments,
+        "moai_sdk.batch.cli:cmd_batch",
+        description=batch_cli.BATCH_DESCRIPTION,
+    ),
+    Command(
+        "score",
+        batch_cli.SCORE_HELP,
+        eval_cli.add_score_arguments,
+        "moai_sdk.evaluation.cli:cmd_score",
+        description=batch_cli.SCORE_DESCRIPTION,
+    ),
+    Command(
+        "eval",
+        eval_cli.EVAL_HELP,
+        eval_cli.add_eval_arguments,
+        "moai_sdk.evaluation.cli:cmd_eval",
+        description=eval_cli.EVAL_DESCRIPTION,
+    ),
+    Command(
+        "serve", serve_cli.HELP, serve_cli.add_arguments, "moai_sdk.serve.cli:run", description=serve_cli.DESCRIPTION
+    ),
+    Command(
+        "ui",
+        "a web playground (Gradio): answer, what the experts saw, gates, ablation",
+        _add_ui_arguments,
+        "moai_sdk.ui.cli:run",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moai`` argument parser: one sub-parser per :data:`COMMANDS` entry (imports nothing heavy)."""
+    parser = _Parser(prog=PROG, description="MoAI (Mixture of All Intelligence) from the command line.")
+    parser.add_argument("--version", action="version", version=f"moai-sdk {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.description))
     return parser
+
+
+def tiny_pipeline(directory: Union[str, Path], **options: Any) -> MoAIPipeline:
+    """:func:`moai_sdk.testing.tiny_pipeline` (imported when ``moai demo`` runs)."""
+    from .testing import tiny_pipeline as build
+
+    return build(directory, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,6 +336,8 @@ def _check_output(path: Optional[str], option: str = "--plot") -> None:
     if not os.access(folder, os.W_OK):
         raise InputError(f"{option} {path!r}: the folder {str(folder)!r} is not writable")
     suffix = out.suffix.lower()
+    from PIL import Image
+
     if suffix != ".json" and suffix not in Image.registered_extensions():
         raise InputError(f"{option} {path!r}: {suffix or 'no suffix'} is not a picture format; use .png, .jpg or .json")
 
@@ -325,6 +445,8 @@ def cmd_perceive(args: argparse.Namespace) -> int:
 
 def _checkpoint_has_vision(folder: Path) -> bool:
     """Whether the downloaded MoAI checkpoint in ``folder`` carries the CLIP tower weights."""
+    from .modeling.loading import VISION_PREFIX, WeightReader, resolve_checkpoint
+
     reader = WeightReader(resolve_checkpoint(folder))
     try:
         return any(k.startswith(VISION_PREFIX) for k in reader.keys())
@@ -342,6 +464,8 @@ def download_plan(model: str, experts: Any, *, revision: Optional[str] = None) -
 
 
 def _model_plan(model: str, revision: Optional[str]) -> list[dict[str, Any]]:
+    from .hub import WEIGHT_FORMATS
+
     return [
         {
             "component": "model",
@@ -363,6 +487,9 @@ def _model_plan(model: str, revision: Optional[str]) -> list[dict[str, Any]]:
 
 
 def _experts(spec: Any, hub: Optional[HubOptions] = None) -> dict[str, Any]:
+    from .experts.selection import resolve_experts
+    from .hub import HubOptions
+
     return resolve_experts(spec, device="cpu", hub=hub or HubOptions())
 
 
@@ -381,6 +508,8 @@ def cmd_download(args: argparse.Namespace) -> int:
                 _write(f"{entry['component']}: {entry['method']} {entry['repo_id'] or ''} {what}\n")
         return 0
 
+    from .hub import HubOptions
+
     hub = HubOptions(cache_dir=args.cache_dir, token=args.token or None)
     done = _download_model(model, args.revision, hub, report=not args.json)
     for exp in _experts(experts, hub).values():
@@ -392,6 +521,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _download_model(model: str, revision: Optional[str], hub: HubOptions, *, report: bool) -> list[dict[str, Any]]:
     """Fetch the MoAI checkpoint, then the CLIP tower unless the checkpoint holds the vision weights."""
+    from .hub import download_first, snapshot
+
     model_entry, vision_entry = _model_plan(model, revision)
     folders: list[Path] = []
 
@@ -435,6 +566,15 @@ def _fetch(entry: dict[str, Any], action: Callable[[], dict[str, Any]], *, repor
 
 def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
     """What ``moai info`` reports, as a dict."""
+    import importlib.metadata as md
+    import importlib.util
+    import platform
+
+    import torch
+
+    from .experts.base import available_experts
+    from .hub import env_offline
+
     versions: dict[str, Optional[str]] = {"python": platform.python_version()}
     for dist in _PACKAGES:
         try:
@@ -468,6 +608,10 @@ def collect_info(cache_dir: Optional[str] = None) -> dict[str, Any]:
 
 def _cache_report(cache_dir: Optional[str]) -> dict[str, Any]:
     """Repositories in the Hugging Face cache, with the ones MoAI uses marked."""
+    from .experts.base import get_expert_class
+    from .experts.selection import DEFAULT_EXPERTS
+    from .hub import cache_path, scan_cache
+
     wanted = {DEFAULT_MODEL_ID: "model", DEFAULT_VISION_TOWER_ID: "vision_tower"}
     for name in DEFAULT_EXPERTS.values():
         try:
@@ -523,6 +667,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sys.stderr,
         )
         pipe = tiny_pipeline(workdir)
+        from .testing import demo_image
+
         image = args.image if args.image is not None else demo_image("MOAI")
         result = pipe(image, args.prompt, max_new_tokens=args.max_new_tokens)
         if args.json:
@@ -531,26 +677,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _write(_summary(result))
         if args.plot:
             result.save(args.plot)
-            _write(f"picture written to {args.plot}\n", sys.stderr)
+            _write(f"moai demo: picture written to {args.plot}\n", sys.stderr)
     return 0
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    from .ui.cli import run as run_ui  # Gradio and the pipeline load only for this command
-
-    return run_ui(args)
-
-
-_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run,
-    "perceive": cmd_perceive,
-    "download": cmd_download,
-    "info": cmd_info,
-    "demo": cmd_demo,
-    **batch_cli.COMMANDS,
-    "serve": serve_cli.run,
-    "ui": cmd_ui,
-}
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -568,10 +696,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: " + ", ".join(_COMMANDS))
+        parser.error("choose a command: " + ", ".join(c.name for c in COMMANDS))
     _setup_logging(args.verbose)
+    [command] = [c for c in COMMANDS if c.name == args.command]
     try:
-        return _COMMANDS[args.command](args)
+        return command.resolve()(args)
     except KeyboardInterrupt:
         _write(f"{PROG}: interrupted\n", sys.stderr)
         return 130

@@ -4,17 +4,25 @@ One definition of each option group, so every command spells ``--model``, ``--ex
 the same way, and one way to turn the parsed options into a :class:`~moai_sdk.pipeline.MoAIPipeline` and into
 generation keywords. ``moai_sdk.cli`` and the command modules of sub-packages (``moai_sdk.batch.cli``) import
 from here; this module imports nothing above the pipeline, so no command module needs to import ``moai_sdk.cli``.
+
+It is imported to build the ``moai`` parser, so at module level it imports only light modules (the choices come
+from :mod:`moai_sdk.defaults`); the pipeline and the tiny builders are imported inside the functions that build one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+from .defaults import DEFAULT_MODEL_ID, DTYPE_CHOICES, QUANTIZATION_MODES
 from .errors import InputError
-from .pipeline import DEFAULT_MODEL_ID, MoAIPipeline
-from .testing import tiny_pipeline
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import MoAIPipeline
+
+#: The ``--quantization`` choices: every mode of :data:`~moai_sdk.defaults.QUANTIZATION_MODES`, ``none`` for None.
+QUANTIZATION_CHOICES = tuple(m for m in QUANTIZATION_MODES if m is not None) + ("none",)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -24,10 +32,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default="nf4",
-        choices=["nf4", "nf4-lora", "int8", "int4", "official", "none"],
+        choices=list(QUANTIZATION_CHOICES),
         help="weight quantization (needs CUDA; ignored on CPU; int4 needs torchao). Default: nf4",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES))
 
 
 def add_hub_options(p: argparse.ArgumentParser) -> None:
@@ -162,12 +170,17 @@ def pipeline_from_args(args: argparse.Namespace, *, with_model: bool) -> MoAIPip
     kwargs = pipeline_kwargs(args, with_model=with_model)
     tiny = getattr(args, "tiny", None)
     if tiny:
+        from .testing import tiny_pipeline
+
         return tiny_pipeline(tiny, **kwargs)
+    from .pipeline import MoAIPipeline
+
     model = (args.model or DEFAULT_MODEL_ID) if with_model else DEFAULT_MODEL_ID
     return MoAIPipeline.from_pretrained(model, **kwargs)
 
 
 __all__ = [
+    "QUANTIZATION_CHOICES",
     "add_model_options",
     "add_hub_options",
     "add_experts_option",

@@ -18,8 +18,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.functional import InterpolationMode, resize
 
 from .errors import InputError
 
@@ -292,11 +292,19 @@ def official_resize(chw: torch.Tensor, size: int = MOAI_IMAGE_SIZE) -> torch.Ten
     """The official demo resize: uint8 CHW -> uint8 [3, size, size].
 
     torchvision ``Resize((size, size))`` with bilinear interpolation and ``antialias=False`` on the uint8
-    tensor, then the first three channels (the official demo drops alpha without compositing).
+    tensor, then the first three channels (the official demo drops alpha without compositing). Computed with the
+    same torch operations torchvision's tensor resize runs (float32 ``interpolate`` with ``align_corners=False``,
+    round, cast back; an image already of that size is returned as is), so the result is identical bit for bit
+    without importing torchvision (``tests/test_imageops.py`` compares the two).
     """
     if chw.dtype != torch.uint8 or chw.ndim != 3:
         raise InputError(f"official_resize expects a uint8 CHW tensor; got {chw.dtype} {tuple(chw.shape)}")
-    out = resize(chw, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    out = chw
+    if tuple(chw.shape[-2:]) != (size, size):
+        resized = F.interpolate(
+            chw.unsqueeze(0).to(torch.float32), size=[size, size], mode="bilinear", align_corners=False, antialias=False
+        )
+        out = torch.round(resized.squeeze(0)).to(torch.uint8)
     return out[:3].contiguous()
 
 

@@ -55,6 +55,7 @@ import torch
 
 from . import explain
 from .cache import ExpertCache
+from .defaults import DEFAULT_MODEL_ID
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import ConfigError, GenerationError, InputError
 from .experts.base import Expert, Perception, check_on_expert_error
@@ -64,27 +65,40 @@ from .imageops import MOAI_IMAGE_SIZE, per_row, prepare_frames, split_images
 from .modeling import GenerationSettings, MoAIForCausalLM
 from .modeling.compressor import MoAICompressor
 from .modeling.config import check_attn_implementation
+from .modeling.decoding import TokenLogprobs, eos_ids, finish_reason
 from .modeling.generation import GenerateOutput
 from .modeling.mixer import GateWeights, MoAIMixer
 from .modeling.quantization import check_quantization
+from .modeling.scoring import score_continuations
 from .processing import MoAIInputs, MoAIProcessor
 from .prompts import DEFAULT_TEMPLATE, check_template
-from .results import MoAIResult, PerceptionResult
+from .results import ContinuationScore, MoAIResult, PerceptionResult, ScoreResult, TokenLogprob, TopLogprob
 from .streaming import ANSWER_CUT, AnswerStream, TokenCallback, cut_answer, stream_in_thread
+from .structured import StructuredOutputs
 from .tokenization import MoAITokenizer
 from .verbalization import EMPTY_VERBALIZATION, verbalize
 
 logger = logging.getLogger(__name__)
-
-#: The released MoAI checkpoint on the Hugging Face Hub.
-DEFAULT_MODEL_ID = "BK-Lee/MoAI-7B"
 
 #: Generation settings of the official demo (sampling) and of the official benchmark scripts (beam search).
 OFFICIAL_DEMO_GENERATION: dict[str, Any] = {"do_sample": True, "temperature": 0.9, "top_p": 0.95, "max_new_tokens": 256}
 OFFICIAL_BENCHMARK_GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 3, "max_new_tokens": 128}
 
 #: The keywords of a call besides the generation options (which are the fields of ``GenerationSettings``).
-_CALL_OPTION_NAMES = ("template", "perception", "experts", "return_gates", "allow_special_tokens", "allow_remote")
+_CALL_OPTION_NAMES = (
+    "template",
+    "perception",
+    "experts",
+    "return_gates",
+    "allow_special_tokens",
+    "allow_remote",
+    "response_format",
+    "logprobs",
+    "n",
+)
+
+#: Most choices one call may ask for (``n``).
+MAX_CHOICES = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,25 +164,64 @@ def _results(
     settings: GenerationSettings,
     model_id: str,
     revision: Optional[str],
+    n: int = 1,
 ) -> list[MoAIResult]:
     """One :class:`MoAIResult` per row, with the recorded ``gate_weights`` as ``mixer`` when ``return_gates``;
     the model id, revision, seed and generation settings are the same for all."""
     gates = explain.batch_gates(gate_weights, rows.inputs, return_gates)
-    shared = dict(model_id=model_id, revision=revision, seed=settings.seed, generation=settings.to_dict())
-    return [
-        MoAIResult(
-            text=texts[i],
-            prompt=rows.prompts[i],
-            perception=rows.perceptions[i],
-            aux_text=rows.aux_texts[i],
-            token_counts=_token_counts(rows.inputs, i, len(new)),
-            timings=dict(timings),
-            new_token_ids=[int(t) for t in new],
-            mixer=gates[i],
-            **shared,
+    shared = dict(model_id=model_id, revision=revision, generation=settings.to_dict())
+    results = []
+    for r, new in enumerate(out.new_tokens):
+        i, j = divmod(r, n)  # output row r: choice j of prompt i
+        seed = (
+            settings.seed if settings.seed is None or n == 1 or not settings.do_sample else (settings.seed + j) % 2**64
         )
-        for i, new in enumerate(out.new_tokens)
-    ]
+        results.append(
+            MoAIResult(
+                text=texts[r],
+                prompt=rows.prompts[i],
+                perception=rows.perceptions[i],
+                aux_text=rows.aux_texts[i],
+                token_counts=_token_counts(rows.inputs, i, len(new)),
+                timings=dict(timings),
+                new_token_ids=[int(t) for t in new],
+                mixer=gates[i],
+                seed=seed,
+                index=j,
+                **shared,
+            )
+        )
+    return results
+
+
+def _continuation_lists(continuations: Any, batch: bool) -> list[list[str]]:
+    """``continuations`` as one list of strings per row: a list of strings (one prompt, or shared by every
+    prompt of a batch) or, for a batch, one list per prompt."""
+
+    def strings(value: Any, where: str) -> list[str]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise InputError(f"{where} must be a list of strings; got {type(value).__name__}")
+        for j, c in enumerate(value):
+            if not isinstance(c, str):
+                raise InputError(f"{where}[{j}] must be a str; got {type(c).__name__}")
+        return list(value)
+
+    if batch and isinstance(continuations, (list, tuple)) and continuations and not isinstance(continuations[0], str):
+        return [strings(c, f"continuations[{i}]") for i, c in enumerate(continuations)]
+    return [strings(continuations, "continuations")]
+
+
+def _cut_at_stops(text: str, stop: Sequence[str]) -> str:
+    """A structured answer up to the first stop string (it has no chat-marker cut: the grammar wrote it)."""
+    positions = [text.find(s) for s in stop if s and s in text]
+    return text[: min(positions)] if positions else text
+
+
+def _choices(n: Any) -> int:
+    """``n`` (choices per prompt) as an int in 1..MAX_CHOICES."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= MAX_CHOICES:
+        raise GenerationError(f"n must be an integer between 1 and {MAX_CHOICES}; got {n!r}")
+    return int(n)
 
 
 def _quantization_on(device: torch.device, quantization: Optional[str]) -> Optional[str]:
@@ -311,6 +364,7 @@ class MoAIPipeline(HubSettings):
         self._model: Optional[MoAIForCausalLM] = None
         self._processor: Optional[MoAIProcessor] = None
         self._lock = threading.RLock()
+        self._structured: Optional[StructuredOutputs] = None
         if self.experts:
             self._runner(list(self.experts.values()))  # built now: it says at once what the experts leave out
 
@@ -470,6 +524,9 @@ class MoAIPipeline(HubSettings):
         return_gates: Union[bool, str] = False,
         allow_special_tokens: bool = False,
         allow_remote: bool = False,
+        response_format: Any = None,
+        logprobs: Optional[int] = None,
+        n: int = 1,
         **generation: Any,
     ) -> Union[MoAIResult, list[MoAIResult]]:
         """Answer ``prompts`` about ``images``: one image and one prompt give a :class:`MoAIResult`; lists (one
@@ -486,23 +543,96 @@ class MoAIPipeline(HubSettings):
         * ``allow_special_tokens``: control strings in a prompt (``</s>``, ...) become control tokens (default:
           plain text); ``allow_remote``: fetch ``http(s)://`` image URLs (timeout, byte cap; default off).
 
+        * ``response_format``: constrain the answer (see :mod:`moai_sdk.structured`): a Pydantic model class, a
+          JSON-schema dict, ``{"type": "json_object"}``, ``{"choice": [...]}``, ``{"regex": ...}`` or
+          ``{"grammar": ...}``; ``result.parsed`` is then the validated instance / the parsed JSON / the text;
+        * ``logprobs=K`` (0..20): ``result.logprobs`` holds, per generated token, its log-probability under the raw
+          next-token distribution (before repetition penalty, constraint and temperature) and the top ``K``;
+        * ``n``: that many choices per prompt from one perception and one prefill; a single image and prompt
+          then give a list of ``n`` results (a batch: ``n`` consecutive results per prompt). Choice ``i`` has
+          ``result.index == i`` and, when sampling, ``result.seed == seed + i``: calling with that seed alone
+          reproduces it.
+
         Prompt + image tokens + ``max_new_tokens`` must fit the context window: checked before any compute.
         """
         settings = _settings(self.generation_config, generation_config, generation, on_token)
+        n = _choices(n)
+        if (response_format is not None or logprobs is not None or n > 1) and settings.num_beams > 1:
+            raise GenerationError("response_format, logprobs and n need greedy or sampling decoding (num_beams=1)")
         timer = _Timer(self.device)
         if self._model is None or self._processor is None:
             with timer.stage("load"):  # one-off, kept out of "total"
                 _ = self.processor, self.model
         t0 = time.perf_counter()
         raw, limit = bool(allow_special_tokens), settings.max_new_tokens
+        fmt = self.structured.compile(response_format) if response_format is not None else None  # errors first
         rows = self._prepare(images, prompts, template, perception, experts, timer, allow_remote, raw, limit)
+        constraints = None
+        if fmt is not None:
+            constraints = [self.structured.constraint(fmt) for _ in range(len(rows.prompts) * n)]
+        extra = dict(constraints=constraints, logprobs=logprobs, num_choices=n)
         with explain.recording_gates(self.model, return_gates) as gate_weights:
-            out = self._generate(rows.inputs, settings, timer, on_token)
+            out = self._generate(rows.inputs, settings, timer, on_token, **extra)
         timer.timings["total"] = time.perf_counter() - t0
-        texts = [self.answer_text(new, settings.stop) for new in out.new_tokens]
+        texts = [
+            _cut_at_stops(constraints[r].text, settings.stop) if constraints else self.answer_text(new, settings.stop)
+            for r, new in enumerate(out.new_tokens)
+        ]
         shared = (settings, self.model_id, self.model.load_info.get("revision") or self.revision)
-        results = _results(rows, out, texts, timer.timings, gate_weights, return_gates, *shared)
-        return results if _is_batch(images) or _is_batch(prompts) else results[0]
+        results = _results(rows, out, texts, timer.timings, gate_weights, return_gates, *shared, n=n)
+        self._add_outputs(results, out, settings, constraints)
+        return results if _is_batch(images) or _is_batch(prompts) or n > 1 else results[0]
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        """The compiler of ``response_format`` for this model's vocabulary, with its cache of compiled grammars."""
+        with self._lock:
+            if self._structured is None:
+                self._structured = StructuredOutputs.from_tokenizer(self.tokenizer)
+            return self._structured
+
+    def token_logprobs(self, entries: Sequence[TokenLogprobs]) -> list[TokenLogprob]:
+        """Typed :class:`~moai_sdk.results.TokenLogprob` entries (text, bytes) of the decoding core's records."""
+        vocab = self.structured.vocab
+
+        def top(tid: int, logprob: float) -> TopLogprob:
+            data = vocab.tokens[tid] if 0 <= tid < vocab.size else b""
+            special = tid in vocab.special or not 0 <= tid < vocab.size
+            text = self.tokenizer.convert_ids_to_tokens(tid) if special else data.decode("utf-8", errors="replace")
+            return TopLogprob(token=text, token_id=tid, bytes=list(data), logprob=logprob)
+
+        return [
+            TokenLogprob(
+                **top(e.token_id, e.logprob).model_dump(),
+                top_logprobs=[top(t, lp) for t, lp in zip(e.top_ids, e.top_logprobs)],
+            )
+            for e in entries
+        ]
+
+    def _add_outputs(
+        self,
+        results: list[MoAIResult],
+        out: GenerateOutput,
+        settings: GenerationSettings,
+        constraints: Optional[list[Any]],
+    ) -> None:
+        """Log-probabilities, parsed structured answers and finish reasons of the results."""
+        eos = eos_ids(settings, self.model.config.eos_token_id)
+        for r, result in enumerate(results):
+            tokens = out.new_tokens[r]
+            if out.logprobs is not None and out.logprobs[r] is not None:
+                result.logprobs = self.token_logprobs(out.logprobs[r])
+            constraint = constraints[r] if constraints else None
+            if constraint is not None and constraint.is_terminated():
+                result.finish_reason = "stop"
+            else:
+                uncut = constraint.text if constraint is not None else self._decode(tokens)
+                result.finish_reason = finish_reason(uncut, tokens, settings.max_new_tokens, settings.stop, eos)
+            if constraint is not None:
+                try:
+                    result.parsed = constraint.format.parse(result.text)
+                except GenerationError as exc:
+                    logger.warning("answer %d does not parse (%s); result.parsed is None", r, exc)
 
     def _prepare(
         self,
@@ -541,8 +671,35 @@ class MoAIPipeline(HubSettings):
             )
         return _Prepared(prompt_list, perceptions, aux_texts, inputs)
 
+    def prepare(
+        self,
+        image: Any,
+        prompt: str,
+        *,
+        template: Optional[str] = None,
+        perception: Any = None,
+        experts: Any = None,
+        allow_remote: bool = False,
+        allow_special_tokens: bool = False,
+        max_new_tokens: Optional[int] = None,
+    ) -> tuple[_Prepared, dict[str, float]]:
+        """Stages 1-3 for one image and one prompt (experts, verbalization, preprocess), exactly as a call runs
+        them, and their timings; the continuous-batching engine (:mod:`moai_sdk.engine`) runs this ahead of
+        admission. With ``max_new_tokens`` the context window is checked first."""
+        if _is_batch(image) or not isinstance(prompt, str):
+            raise InputError("prepare() takes one image and one prompt")
+        timer = _Timer(self.device)
+        raw = bool(allow_special_tokens)
+        rows = self._prepare(image, prompt, template, perception, experts, timer, allow_remote, raw, max_new_tokens)
+        return rows, timer.timings
+
     def _generate(
-        self, inputs: MoAIInputs, settings: GenerationSettings, timer: _Timer, on_token: Optional[TokenCallback]
+        self,
+        inputs: MoAIInputs,
+        settings: GenerationSettings,
+        timer: _Timer,
+        on_token: Optional[TokenCallback],
+        **extra: Any,
     ) -> GenerateOutput:
         """Stages 4-7, on the language model: vision, compression, prefill, decode."""
         model = self.model
@@ -569,9 +726,99 @@ class MoAIPipeline(HubSettings):
             decode=self._decode if settings.stop else None,
             streamer=on_token,
             return_dict=True,
+            **extra,
         )
         timer.timings.update({key: float(out.timings.get(key, 0.0)) for key in ("prefill", "decode")})
         return out
+
+    def _encode(self, inputs: MoAIInputs, timer: _Timer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 4-5: the image features and the compressed auxiliary tokens of ``inputs`` (on the model's device)."""
+        model = self.model
+        with torch.inference_mode():
+            with timer.stage("vision"):
+                image_features = model.encode_images(inputs.pixel_values)
+            with timer.stage("compression"):
+                aux_embeds, aux_mask = model.build_aux_embeds(
+                    inputs.aux_input_ids, inputs.panoptic_pixel_values, inputs.aux_attention_mask
+                )
+                compressed = model.compress(aux_embeds, aux_mask).to(image_features.dtype)
+        return image_features, compressed
+
+    def score(
+        self,
+        images: Any,
+        prompts: Union[str, Sequence[str]],
+        continuations: Sequence[Any],
+        *,
+        template: Optional[Union[str, Sequence[str]]] = None,
+        perception: Any = None,
+        experts: Any = None,
+        allow_special_tokens: bool = False,
+        allow_remote: bool = False,
+    ) -> Union[ScoreResult, list[ScoreResult]]:
+        """How likely each continuation is as the answer to ``prompts`` about ``images`` (what evaluation
+        harnesses call log-likelihood): per continuation the summed and per-token log-probabilities and whether
+        greedy decoding would produce it (:class:`~moai_sdk.results.ContinuationScore`).
+
+        ``pipe.score(image, prompt, continuations=["yes", "no"])`` gives a :class:`~moai_sdk.results.ScoreResult`;
+        lists of images / prompts give a list, with ``continuations`` one list per row. Each prompt is perceived
+        and prefilled once; its cached keys/values are copied per continuation and all continuations of the
+        batch run as one forward (:func:`~moai_sdk.modeling.scoring.score_continuations`). A continuation is
+        tokenized as text that follows the prompt (:meth:`~moai_sdk.MoAITokenizer.encode_continuation`).
+        """
+        batch = _is_batch(images) or _is_batch(prompts)
+        per_row = _continuation_lists(continuations, batch)
+        timer = _Timer(self.device)
+        if self._model is None or self._processor is None:
+            with timer.stage("load"):
+                _ = self.processor, self.model
+        t0 = time.perf_counter()
+        ids = [[self.tokenizer.encode_continuation(c) for c in conts] for conts in per_row]
+        longest = max([len(c) for conts in ids for c in conts] + [1])
+        raw = bool(allow_special_tokens)
+        rows = self._prepare(images, prompts, template, perception, experts, timer, allow_remote, raw, longest)
+        if len(ids) == 1 and len(rows.prompts) > 1:
+            ids, per_row = ids * len(rows.prompts), per_row * len(rows.prompts)
+        if len(ids) != len(rows.prompts):
+            raise InputError(f"{len(rows.prompts)} prompts but {len(ids)} lists of continuations; pass one per prompt")
+        inputs = rows.inputs.to(self.model.device)
+        image_features, compressed = self._encode(inputs, timer)
+        with timer.stage("score"):
+            scored = score_continuations(
+                self.model,
+                inputs.input_ids,
+                inputs.attention_mask,
+                ids,
+                image_features=image_features,
+                compressed_aux=compressed,
+                im_mask=inputs.im_mask,
+                lang_mask=inputs.lang_mask,
+            )
+        timer.timings["total"] = time.perf_counter() - t0
+        revision = self.model.load_info.get("revision") or self.revision
+        results = [
+            ScoreResult(
+                prompt=rows.prompts[i],
+                continuations=[
+                    ContinuationScore(
+                        text=text,
+                        logprob=s.logprob,
+                        token_logprobs=s.token_logprobs,
+                        token_ids=s.token_ids,
+                        is_greedy=s.is_greedy,
+                    )
+                    for text, s in zip(per_row[i], scored[i])
+                ],
+                perception=rows.perceptions[i],
+                aux_text=rows.aux_texts[i],
+                token_counts=_token_counts(rows.inputs, i, 0),
+                timings=dict(timer.timings),
+                model_id=self.model_id,
+                revision=revision,
+            )
+            for i in range(len(rows.prompts))
+        ]
+        return results if batch else results[0]
 
     ablate = explain.ablate  # pipe.ablate(image, prompt, experts=None, return_gates=False, **options): one batch
 

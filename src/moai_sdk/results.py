@@ -721,6 +721,54 @@ class PerceptionResult(_Document):
         return path
 
 
+class TopLogprob(_Model):
+    """One candidate for a generated position: its text, id, UTF-8 bytes and log-probability."""
+
+    token: str
+    token_id: int
+    bytes: list[int] = Field(default_factory=list)
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token with its log-probability -- the log-softmax of the model's raw next-token distribution,
+    before repetition penalty, grammar constraint and temperature (as vLLM's default) -- and the ``top_logprobs``
+    most likely tokens of that distribution (``logprobs=K``; best first)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ContinuationScore(_Model):
+    """How likely one continuation is after a prompt (``pipe.score``): ``logprob`` = the sum of
+    ``token_logprobs`` (float32 log-softmax per token), ``is_greedy`` = greedy decoding would produce exactly
+    ``token_ids``."""
+
+    text: str
+    logprob: float
+    token_logprobs: list[float] = Field(default_factory=list)
+    token_ids: list[int] = Field(default_factory=list)
+    is_greedy: bool
+
+
+class ScoreResult(_Document):
+    """The scores of a prompt's continuations about one image (see :meth:`MoAIPipeline.score`)."""
+
+    prompt: str = ""
+    continuations: list[ContinuationScore] = Field(default_factory=list)
+    perception: Optional[PerceptionResult] = None
+    aux_text: str = ""
+    token_counts: dict[str, int] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    model_id: str = ""
+    revision: Optional[str] = None
+
+    def best(self) -> ContinuationScore:
+        """The continuation with the highest summed log-probability."""
+        if not self.continuations:
+            raise InputError("this ScoreResult holds no continuations")
+        return max(self.continuations, key=lambda c: c.logprob)
+
+
 class MoAIResult(_Document):
     """The answer of the MoAI pipeline for one image + prompt.
 
@@ -742,6 +790,14 @@ class MoAIResult(_Document):
     generation: dict[str, Any] = Field(default_factory=dict)
     new_token_ids: list[int] = Field(default_factory=list)
     mixer: Optional[MixerGates] = None
+    #: With ``logprobs=K``: one entry per generated token (see :class:`TokenLogprob`).
+    logprobs: Optional[list[TokenLogprob]] = None
+    #: With ``response_format``: the validated Pydantic instance, the parsed JSON, or the chosen / matched text.
+    parsed: Any = None
+    #: Why the answer ended: ``"stop"`` (EOS, a stop string or a completed grammar) or ``"length"``.
+    finish_reason: Optional[str] = None
+    #: With ``n`` > 1: which choice this is (0-based); its ``seed`` is the call's seed + ``index``.
+    index: int = 0
 
     def __str__(self) -> str:
         return self.text
@@ -775,6 +831,10 @@ class MoAIResult(_Document):
 
 
 __all__ = [
+    "TopLogprob",
+    "TokenLogprob",
+    "ContinuationScore",
+    "ScoreResult",
     "TASKS",
     "DEFAULT_FRAME_SIZE",
     "Box",

@@ -1,6 +1,6 @@
 """Answers from generated tokens: where an answer ends, and how to stream it while it is generated.
 
-* :func:`cut_answer` -- the official demo cuts the decoded answer at the first ``"[U"`` (:data:`ANSWER_CUT`, the
+* :func:`cut_answer` (from the decoding core, :mod:`moai_sdk.modeling.decoding`) -- the official demo cuts the decoded answer at the first ``"[U"`` (:data:`ANSWER_CUT`, the
   start of the InternLM2 chat markers); a call's stop strings cut it too.
 * :func:`stable_prefix` -- the part of a partial answer that later tokens cannot change.
 * :class:`AnswerStream` -- one row of a batch being generated: feed it each new token id, get back the text that is
@@ -20,24 +20,12 @@ from typing import Callable, Iterator, Protocol, Sequence, TypeVar, Union
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .modeling.decoding import ANSWER_CUT, cut_answer
 
-#: The official demo cuts the decoded answer at the first occurrence of this text (InternLM2 chat markers).
-ANSWER_CUT = "[U"
+logger = logging.getLogger(__name__)
 
 #: ``on_token(ids)``: called after each generated step with the new token id of every row (a [B] tensor).
 TokenCallback = Callable[[torch.Tensor], None]
-
-
-def cut_answer(text: str, stop: Sequence[str] = ()) -> str:
-    """``text`` up to the first :data:`ANSWER_CUT` or stop string (whichever comes first)."""
-    cut = len(text)
-    for marker in (ANSWER_CUT, *stop):
-        if marker:
-            pos = text.find(marker)
-            if pos != -1:
-                cut = min(cut, pos)
-    return text[:cut]
 
 
 def stable_prefix(answer: str, stop: Sequence[str] = ()) -> str:

@@ -347,6 +347,12 @@ class MoAITokenizer:
             ids.append(self._eos_id)
         return ids
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of ``text`` written after a prompt (an answer, a continuation to score): no BOS, no dummy-prefix
+        space, control strings as plain text -- as sentencepiece segments text that follows a control piece."""
+        _check_text(text)
+        return list(self._plain_processors()[1].encode(text)) if text else []
+
     def contains_control_strings(self, text: str) -> bool:
         """Whether ``text`` holds a string that would become a control id (``<s>``, ``</s>``, ``<unk>``,
         ``<image>``, ``[UNUSED_TOKEN_*]`` or any other user-defined piece)."""

@@ -11,25 +11,51 @@ Modules: :mod:`~moai_sdk.batch.inputs` (folders, manifests, video), :mod:`~moai_
 atomic output, resume), :mod:`~moai_sdk.batch.local` and :mod:`~moai_sdk.batch.ray_runner` (the runners),
 :mod:`~moai_sdk.batch.predictors` (Ray Data stages usable in your own ``map_batches``),
 :mod:`~moai_sdk.batch.scoring` (POPE, multiple choice, exact match).
+
+The names below load on first use (module ``__getattr__``), so ``moai_sdk.batch.cli`` -- the ``moai batch``
+arguments -- imports without torch; :func:`run` imports the pipeline when it runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..errors import InputError
-from ..modeling import GenerationSettings
-from ..pipeline import MoAIPipeline
-from .core import PipelineSpec
-from .inputs import BatchInputs, BatchItem, read_inputs
-from .local import run_local
-from .output import OutputWriter, read_rows
-from .predictors import MoAIPredictor, PerceptionPredictor
-from .scoring import score, score_file
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from ..pipeline import MoAIPipeline
+    from .core import PipelineSpec
+    from .inputs import BatchInputs, BatchItem, read_inputs
+    from .output import OutputWriter, read_rows
+    from .predictors import MoAIPredictor, PerceptionPredictor
+    from .scoring import score, score_file
 
 logger = logging.getLogger(__name__)
+
+_LAZY = {
+    "read_inputs": "inputs",
+    "BatchItem": "inputs",
+    "BatchInputs": "inputs",
+    "OutputWriter": "output",
+    "read_rows": "output",
+    "PipelineSpec": "core",
+    "MoAIPredictor": "predictors",
+    "PerceptionPredictor": "predictors",
+    "score": "scoring",
+    "score_file": "scoring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 
 def run(
@@ -56,6 +82,7 @@ def run(
     num_cpus_per_actor: float = 1.0,
     cpu_experts: Optional[Sequence[str]] = None,
     columns: Optional[dict[str, str]] = None,
+    scheduling: str = "continuous",
 ) -> dict[str, Any]:
     """Answer every row of ``inputs`` and write ``output`` (JSONL or Parquet by suffix); returns a summary.
 
@@ -70,6 +97,14 @@ def run(
     The summary: ``output``, ``rows`` written by this run, ``errors`` among them, ``skipped`` (already written),
     ``total`` rows in the output, ``seconds``, ``items_per_second`` and, with Ray, ``startup_seconds``.
     """
+    from ..modeling import GenerationSettings
+    from .core import PipelineSpec
+    from .inputs import read_inputs
+    from .local import run_local
+    from .output import OutputWriter
+
+    if scheduling not in ("continuous", "static"):
+        raise InputError(f"scheduling must be 'continuous' or 'static'; got {scheduling!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
     if resume and overwrite:
@@ -119,6 +154,7 @@ def run(
                 save_perception=save_perception,
                 allow_remote=allow_remote,
                 progress=progress,
+                scheduling=scheduling,
             )
         complete = True
     finally:

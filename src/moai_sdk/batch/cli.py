@@ -1,11 +1,14 @@
-"""``moai batch`` and ``moai score``: their argument parsers and handlers (registered by :mod:`moai_sdk.cli`)."""
+"""``moai batch`` and ``moai score``: their arguments and handlers (registered in :data:`moai_sdk.cli.COMMANDS`).
+
+Imported to build the ``moai`` parser, so only light modules at module level; the handlers import the batch
+runner (torch, the pipeline) when they run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any, Callable
 
 from ..cli_options import (
     add_experts_option,
@@ -17,27 +20,36 @@ from ..cli_options import (
     pipeline_kwargs,
 )
 from ..errors import InputError
-from . import run
 from .output import read_rows
 from .scoring import TASKS, format_table, score, skipped
 
+BATCH_HELP = "answer a dataset: a folder of images, a JSONL/CSV/Parquet manifest or a video"
+BATCH_DESCRIPTION = (
+    "Answer every image of INPUT and write OUTPUT (.jsonl or .parquet) with the columns id, prompt, "
+    "answer, verbalization, token_counts, timings, error and the manifest's other columns. Completed batches "
+    "are journaled, so a killed run can be continued with --resume."
+)
+SCORE_HELP = "score a moai eval / moai batch output: the paper's benchmarks, multiple choice, exact match"
+SCORE_DESCRIPTION = "Score OUTPUT's answers against its label column. Rows with an error are not scored."
 
-def add_parsers(sub: Any) -> None:
-    """Add ``batch`` and ``score`` to the ``moai`` sub-command parsers (handlers: :data:`COMMANDS`)."""
-    batch = sub.add_parser(
-        "batch",
-        help="answer a dataset: a folder of images, a JSONL/CSV/Parquet manifest or a video",
-        description="Answer every image of INPUT and write OUTPUT (.jsonl or .parquet) with the columns id, prompt, "
-        "answer, verbalization, token_counts, timings, error and the manifest's other columns. Completed batches "
-        "are journaled, so a killed run can be continued with --resume.",
-    )
+
+def add_batch_arguments(batch: argparse.ArgumentParser) -> None:
+    """The arguments of ``moai batch``."""
     batch.add_argument("input", help="folder of images (recursive), .jsonl/.csv/.parquet manifest, or a video")
     batch.add_argument("output", help="output file: .jsonl or .parquet")
     batch.add_argument("--prompt", default=None, help="the question (for folders and videos; default for manifests)")
     batch.add_argument(
         "--every", type=float, default=None, metavar="SECONDS", help="video: one frame every SECONDS (1)"
     )
-    batch.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
+    batch.add_argument(
+        "--batch-size", type=int, default=8, help="rows decoding together (static: rows per pipeline call; default 8)"
+    )
+    batch.add_argument(
+        "--scheduling",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="local runner: continuous batching on the engine (default) or consecutive static batches",
+    )
     batch.add_argument("--resume", action="store_true", help="continue an earlier run: skip ids already written")
     batch.add_argument("--overwrite", action="store_true", help="replace an existing output")
     batch.add_argument("--save-perception", action="store_true", help="add the perception JSON per row")
@@ -64,11 +76,9 @@ def add_parsers(sub: Any) -> None:
     batch.add_argument("--template", default="chat", choices=["chat", "demo"])
     add_generation_options(batch)
 
-    sc = sub.add_parser(
-        "score",
-        help="the paper's metrics (POPE, multiple choice, exact match) of a moai batch output",
-        description="Score OUTPUT's answers against its label column. Rows with an error are not scored.",
-    )
+
+def add_score_arguments(sc: argparse.ArgumentParser) -> None:
+    """The arguments of ``moai score``."""
     sc.add_argument("output", help="a moai batch output (.jsonl or .parquet) with a label column")
     sc.add_argument("--task", required=True, choices=list(TASKS), help="pope, choice or exact")
     sc.add_argument("--label-column", default="label", help="the column with the ground truth (default: label)")
@@ -77,6 +87,8 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """``moai batch INPUT OUTPUT``."""
+    from . import run
+
     cpu_experts = None
     if args.cpu_experts is not None:
         cpu_experts = [name.strip() for name in args.cpu_experts.split(",") if name.strip()]
@@ -92,6 +104,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         pipeline_options=pipeline_kwargs(args),
         generation=generation_kwargs(args),
         batch_size=args.batch_size,
+        scheduling=args.scheduling,
         resume=args.resume,
         overwrite=args.overwrite,
         save_perception=args.save_perception,
@@ -126,7 +139,4 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The handlers of the commands :func:`add_parsers` adds, by name.
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"batch": cmd_batch, "score": cmd_score}
-
-__all__ = ["add_parsers", "cmd_batch", "cmd_score", "COMMANDS"]
+__all__ = ["add_batch_arguments", "add_score_arguments", "cmd_batch", "cmd_score"]

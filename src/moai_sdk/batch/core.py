@@ -174,6 +174,45 @@ def answer(
     return run_error_free(call, errors)
 
 
+def answer_on_engine(
+    engine: Any,
+    images: Sequence[Optional[torch.Tensor]],
+    prompts: Sequence[str],
+    errors: Sequence[Optional[str]],
+    generation: dict[str, Any],
+    perceptions: Optional[Sequence[Optional[PerceptionResult]]] = None,
+) -> list[tuple[Optional[MoAIResult], Optional[str]]]:
+    """:func:`answer` on a running :class:`~moai_sdk.engine.MoAIEngine`: every row without an error is submitted
+    at once (rows that end early free their slots for the others) and fails on its own."""
+    handles: list[Any] = []
+    out: list[tuple[Optional[MoAIResult], Optional[str]]] = [(None, e) for e in errors]
+    for i, error in enumerate(errors):
+        if error is not None:
+            handles.append(None)
+            continue
+        kwargs = dict(generation)
+        if perceptions is not None:
+            kwargs["perception"] = perceptions[i]
+        try:
+            handles.append(engine.submit(images[i], prompts[i], **kwargs))
+        except SETUP_ERRORS:
+            raise
+        except Exception as exc:
+            handles.append(None)
+            out[i] = (None, describe_error(exc))
+    for i, handle in enumerate(handles):
+        if handle is None:
+            continue
+        try:
+            out[i] = (handle.result(), None)
+        except SETUP_ERRORS:
+            raise
+        except Exception as exc:  # recorded in the row's error cell
+            logger.warning("row failed: %s", describe_error(exc))
+            out[i] = (None, describe_error(exc))
+    return out
+
+
 def perceive(
     pipe: MoAIPipeline,
     images: Sequence[Optional[torch.Tensor]],

@@ -1,23 +1,27 @@
 """The local runner of ``moai batch``: one pipeline in this process, batched, with a progress bar.
 
-Rows are taken in input order, ``batch_size`` at a time; each batch is one left-padded pipeline call (each row
-equals its single run), so greedy answers do not depend on the batch size. Every completed batch is appended
-to the output's journal before the next starts (see :mod:`moai_sdk.batch.output`), so a killed run loses at most
-the batch in flight and ``resume=True`` picks up where it stopped.
+Rows are taken in input order and run on the continuous-batching engine (:mod:`moai_sdk.engine`) with
+``batch_size`` rows decoding together, so a short answer frees its slot for the next row at once (each row equals
+its single run: greedy answers do not depend on the batch size); beam search and ``scheduling="static"`` run
+consecutive batches of ``batch_size`` rows, each one left-padded pipeline call. Every completed batch is appended
+to the output's journal in input order (see :mod:`moai_sdk.batch.output`), so a killed run loses at most
+the rows in flight and ``resume=True`` picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
+from ..engine import MoAIEngine
 from ..pipeline import MoAIPipeline
-from .core import answer, decode_all, result_row
+from .core import SETUP_ERRORS, answer, decode_all, describe_error, result_row
 from .inputs import BatchItem
 from .output import OutputWriter
 
@@ -61,8 +65,14 @@ def run_local(
     save_perception: bool = False,
     allow_remote: bool = False,
     progress: bool = True,
+    scheduling: str = "continuous",
 ) -> dict[str, Any]:
     """Answer ``items`` not yet in ``writer.done_ids`` and append each batch to ``writer``.
+
+    ``scheduling="continuous"`` (default; greedy and sampling): the rows run on :class:`~moai_sdk.engine.MoAIEngine`
+    with ``batch_size`` rows decoding together -- a row that finishes early frees its slot for the next row at
+    once -- and completed rows are appended in input order, ``batch_size`` at a time. ``"static"`` (and beam
+    search): consecutive batches of ``batch_size`` rows, one pipeline call each.
 
     Returns counts: ``rows`` written now, ``errors`` among them, ``skipped`` (already written), ``seconds``.
     The caller finalizes the writer (also after an interruption).
@@ -81,7 +91,17 @@ def run_local(
     remaining = None if total is None else max(0, total - len(done))
     errors = rows = 0
     t0 = time.perf_counter()
+    engine = scheduling == "continuous" and int(generation.get("num_beams") or 1) == 1
     with tqdm(total=remaining, unit="item", desc="moai batch", disable=not progress, dynamic_ncols=True) as bar:
+        if engine:  # rows stream through the continuous-batching engine; chunks are written in input order
+            for out in _engine_chunks(pipe, todo(), generation, batch_size, save_perception, allow_remote):
+                writer.append(out)
+                rows += len(out)
+                errors += sum(r["error"] is not None for r in out)
+                bar.update(len(out))
+                if errors:
+                    bar.set_postfix(errors=errors)
+            return {"rows": rows, "errors": errors, "skipped": skipped, "seconds": time.perf_counter() - t0}
         for chunk in batched(todo(), batch_size):
             out = run_batch(pipe, chunk, generation, save_perception=save_perception, allow_remote=allow_remote)
             writer.append(out)
@@ -91,6 +111,49 @@ def run_local(
             if errors:
                 bar.set_postfix(errors=errors)
     return {"rows": rows, "errors": errors, "skipped": skipped, "seconds": time.perf_counter() - t0}
+
+
+def _engine_chunks(
+    pipe: MoAIPipeline,
+    items: Iterable[BatchItem],
+    generation: dict[str, Any],
+    batch_size: int,
+    save_perception: bool,
+    allow_remote: bool,
+) -> Iterator[list[dict[str, Any]]]:
+    """Output rows in input order, ``batch_size`` at a time, from an engine kept fed with up to ``2 * batch_size``
+    rows in flight (perception of the next rows overlaps the decoding of the running ones)."""
+    window: deque[tuple[BatchItem, Any, Optional[str]]] = deque()
+
+    def row(entry: tuple[BatchItem, Any, Optional[str]]) -> dict[str, Any]:
+        item, handle, error = entry
+        result = None
+        if handle is not None:
+            try:
+                result = handle.result()
+            except SETUP_ERRORS:
+                raise
+            except Exception as exc:  # that row's error cell
+                logger.warning("row failed: %s", describe_error(exc))
+                error = describe_error(exc)
+        return result_row(item.id, item.prompt, result, error, extra=item.extra, save_perception=save_perception)
+
+    with MoAIEngine(pipe, max_num_seqs=batch_size) as engine:
+        for item in items:
+            image, error = decode_all([item.image], allow_remote=allow_remote)[0]
+            handle = None
+            if error is None:
+                try:
+                    handle = engine.submit(image, item.prompt, **generation)
+                except SETUP_ERRORS:
+                    raise
+                except Exception as exc:
+                    error = describe_error(exc)
+            window.append((item, handle, error))
+            if len(window) >= 2 * batch_size:
+                yield [row(window.popleft()) for _ in range(batch_size)]
+        while window:
+            yield [row(window.popleft()) for _ in range(min(batch_size, len(window)))]
 
 
 __all__ = ["run_local", "run_batch", "batched"]

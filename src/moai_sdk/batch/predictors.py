@@ -31,9 +31,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ..engine import MoAIEngine
 from ..imageops import MOAI_IMAGE_SIZE, official_resize
 from ..results import PerceptionResult
-from .core import PipelineSpec, answer, decode_all, dumps, perceive
+from .core import PipelineSpec, answer, answer_on_engine, decode_all, dumps, perceive
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class MoAIPredictor:
         save_perception: also write ``perception`` (the merged perception as JSON, masks left out).
         allow_remote: fetch ``http(s)`` image URLs.
         image_column: where the image source is (when there is no ``frame`` column).
+        engine: answer on a :class:`~moai_sdk.engine.MoAIEngine` owned by the actor (default; greedy and
+            sampling -- beam search uses batched pipeline calls), ``max_num_seqs`` rows decoding together.
     """
 
     #: Columns used between stages and dropped from this stage's output.
@@ -158,6 +161,8 @@ class MoAIPredictor:
         save_perception: bool = False,
         allow_remote: bool = False,
         image_column: str = "image",
+        engine: bool = True,
+        max_num_seqs: int = 8,
     ) -> None:
         spec = _spec(pipeline)
         self.perception_columns = list(perception_columns) if perception_columns is not None else None
@@ -167,6 +172,9 @@ class MoAIPredictor:
         self.save_perception = save_perception
         self.allow_remote = allow_remote
         self.image_column = image_column
+        self.engine: Optional[MoAIEngine] = None
+        if engine and int(self.generation.get("num_beams") or 1) == 1:
+            self.engine = MoAIEngine(self.pipe, max_num_seqs=max_num_seqs).start(wait=True)
 
     def _images(self, batch: Batch, n: int, errors: list[Optional[str]]) -> list[Optional[torch.Tensor]]:
         if "frame" in batch:
@@ -207,7 +215,11 @@ class MoAIPredictor:
         perceptions = self._perceptions(batch, n, errors)
         if perceptions is not None and all(p is None for p in perceptions):
             perceptions = None  # no experts upstream: the official empty verbalization
-        outcomes = answer(self.pipe, images, _column(batch, "prompt", n), errors, self.generation, perceptions)
+        prompts = _column(batch, "prompt", n)
+        if self.engine is not None:  # the actor's engine: rows of mixed answer lengths keep its slots busy
+            outcomes = answer_on_engine(self.engine, images, prompts, errors, self.generation, perceptions)
+        else:
+            outcomes = answer(self.pipe, images, prompts, errors, self.generation, perceptions)
         out = {k: v for k, v in batch.items() if k not in self.INTERNAL and k not in (self.perception_columns or ())}
         results = [r for r, _ in outcomes]
         for r, p in zip(results, perceptions or [None] * n):

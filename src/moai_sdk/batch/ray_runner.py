@@ -6,7 +6,8 @@ Stages (each a ``map_batches`` over an actor pool that builds its pipeline once)
    and passes on the perception as JSON plus the 490 x 490 frame. With GPUs (``num_gpus_per_actor > 0``) it runs
    the GPU experts on GPU actors, and the CPU experts (``cpu_experts``, by default OCR) run in a second stage on
    CPU-only actors, so OCR scales with the cluster's CPUs instead of holding a GPU.
-2. **LLM** (:class:`~moai_sdk.batch.predictors.MoAIPredictor`): merges the perceptions and answers each batch
+2. **LLM** (:class:`~moai_sdk.batch.predictors.MoAIPredictor`, on a continuous-batching engine per actor): merges
+   the perceptions and answers each batch
    with ``perception=`` given, so the experts are not loaded there.
 
 The driver streams the results (Ray Data runs the stages concurrently and keeps the input order) into the same
@@ -129,6 +130,7 @@ def build_dataset(
             perception_columns=columns,
             save_perception=save_perception,
             allow_remote=allow_remote,
+            max_num_seqs=batch_size,
         ),
         **model_stage,
     )

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..defaults import DEFAULT_VISION_TOWER_ID
 from ..errors import ConfigError
 from ..imageops import CLIP_MEAN, CLIP_STD, MOAI_IMAGE_SIZE
 
@@ -33,9 +34,6 @@ CLIP_L14_336_VISION_CONFIG: dict[str, Any] = {
     "initializer_range": 0.02,
     "initializer_factor": 1.0,
 }
-
-#: The Hub id of the CLIP tower loaded when a checkpoint carries no vision weights.
-DEFAULT_VISION_TOWER_ID = "openai/clip-vit-large-patch14-336"
 
 #: How the decoder computes attention: ``"sdpa"`` (PyTorch's fused kernel) or ``"eager"`` (explicit softmax).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")

@@ -23,6 +23,21 @@ import torch.nn.functional as F
 
 from ..devices import synchronize
 from ..errors import GenerationError, InputError
+from .decoding import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    TokenConstraint,
+    TokenLogprobs,
+    apply_repetition_penalty,
+    hit_stop_string,
+    next_tokens,
+    row_logprobs,
+    seen_from_prompt,
+    warp_for_sampling,
+)
+from .decoding import (
+    eos_ids as _eos_list,
+)
 from .internlm2 import KVCache
 
 logger = logging.getLogger(__name__)
@@ -225,39 +240,9 @@ class GenerateOutput:
     timings: dict[str, float] = field(default_factory=dict)
     #: With ``output_gates=True``: the prefill's mixer gate weights (see ``MoAIForCausalLM.forward``).
     gate_weights: list | None = None
-
-
-# ---------------------------------------------------------------------------------------------- processors
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """``seen`` [B, V] bool: divide positive / multiply negative logits of already seen tokens by ``penalty``."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def warp_for_sampling(logits: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
-    if s.temperature != 1.0:
-        logits = logits / s.temperature
-    if s.top_k > 0:
-        k = min(s.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - s.top_p)
-        remove_sorted[..., -1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def _eos_list(settings: GenerationSettings, default_eos: int) -> list[int]:
-    eos = settings.eos_token_id
-    if eos is None:
-        return [default_eos]
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    #: With ``logprobs``: per row, one :class:`~moai_sdk.modeling.decoding.TokenLogprobs` per new token (rows
+    #: that did not ask: ``None``).
+    logprobs: list[list[TokenLogprobs] | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- main entry
@@ -276,9 +261,20 @@ def generate(
     output_logits: bool = False,
     decode: Callable[[list[int]], str] | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    constraints: Sequence[TokenConstraint | None] | None = None,
+    logprobs: int | Sequence[int | None] | None = None,
+    num_choices: int = 1,
     **kwargs: Any,
 ):
     """Generate new tokens for a batch of MoAI prompts.
+
+    Per-row options (greedy and sampling; decoded by :mod:`moai_sdk.modeling.decoding`): ``constraints`` one
+    optional :class:`~moai_sdk.modeling.decoding.TokenConstraint` per output row (a row ends when its constraint
+    terminates); ``logprobs`` ``K`` (0..20; or one per output row, ``None`` = off) records each new token's
+    log-probability and the top ``K`` alternatives from the raw logits in ``GenerateOutput.logprobs``;
+    ``num_choices`` = ``n``: each prompt is prefilled once and its cache copied into ``n`` consecutive output rows
+    (rows ``i * n + j``); when sampling with a seed, choice ``j`` draws from its own generator seeded
+    ``seed + j`` -- what a single call of that prompt with ``seed + j`` draws.
 
     Takes the forward's inputs (official keywords, or what :class:`~moai_sdk.MoAIProcessor` returns) plus
     generation options (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
@@ -305,6 +301,9 @@ def generate(
         raise GenerationError("stop strings need a decode function (pass decode=tokenizer.decode)")
     if pixel_values is None and fwd_extra.get("image_features") is None:
         raise GenerationError("generate needs pixel_values (or image_features): MoAI always sees an image")
+    n_choices = _as_int("num_choices", num_choices, 1, MAX_NUM_BEAMS, "MAX_NUM_BEAMS")
+    if (constraints is not None or logprobs is not None or n_choices > 1) and settings.num_beams > 1:
+        raise GenerationError("constraints, logprobs and num_choices need greedy or sampling decoding (num_beams=1)")
 
     _check_ids(input_ids, attention_mask)
     device = model.device
@@ -317,10 +316,22 @@ def generate(
     eos_ids = torch.tensor(_eos_list(settings, model.config.eos_token_id), device=device)
     vocab = model.config.vocab_size
 
-    generator = None
+    generator: Any = None
     if settings.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        base_seed = settings.seed if settings.seed is not None else torch.seed()
+        if n_choices == 1:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(base_seed)
+        else:  # one generator per output row: choice j of every prompt draws as a single call with seed + j
+            generator = [
+                torch.Generator(device=device).manual_seed((base_seed + j) % 2**64)
+                for _ in range(b)
+                for j in range(n_choices)
+            ]
+    rows_out = b * n_choices
+    row_k = _row_logprobs_k(logprobs, rows_out)
+    if constraints is not None and len(constraints) != rows_out:
+        raise GenerationError(f"constraints must hold one entry per output row ({rows_out}); got {len(constraints)}")
 
     n_image = model.config.structure.num_patches
     capacity = t - 1 + n_image + settings.max_new_tokens
@@ -346,10 +357,10 @@ def generate(
     synchronize(device)  # so that the timings split prefill and decode on asynchronous devices too
     timings = {"prefill": time.perf_counter() - t0}
 
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
     if settings.repetition_penalty != 1.0:
-        valid = (attention_mask.bool()) & (input_ids < vocab) & (input_ids >= 0)
-        seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
+        seen = seen_from_prompt(input_ids, attention_mask, vocab)
+    else:
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
 
     t1 = time.perf_counter()
     if settings.cuda_graphs and settings.num_beams > 1:
@@ -358,10 +369,17 @@ def generate(
         result = _beam_search(model, settings, logits, mask, cache, seen, eos_ids, pad_id, b)
         new, scores, step_logits = result[0], result[1], None
     else:
+        if n_choices > 1:  # one prefill per prompt, its cache copied into the prompt's n rows
+            cache.repeat_interleave(n_choices)
+            mask = mask.repeat_interleave(n_choices, dim=0)
+            logits = logits.repeat_interleave(n_choices, dim=0)
+            seen = seen.repeat_interleave(n_choices, dim=0)
+            input_ids = input_ids.repeat_interleave(n_choices, dim=0)
         fixed = settings.cuda_graphs and FixedShapeDecoder.supported(model, cache.capacity)
         decoder = FixedShapeDecoder(model, cache, mask) if fixed else _GrowingMaskDecoder(model, cache, mask)
+        rows_extra = _RowExtras(constraints, row_k)
         new, step_logits = _sample_or_greedy(
-            decoder, settings, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer
+            decoder, settings, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer, rows_extra
         )
         decoder.finish()
         scores = None
@@ -369,7 +387,7 @@ def generate(
     timings["decode"] = time.perf_counter() - t1
 
     width = max((len(r) for r in new), default=0)
-    seq_new = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    seq_new = torch.full((len(new), width), pad_id, dtype=torch.long, device=device)
     for i, row in enumerate(new):
         if row:
             seq_new[i, : len(row)] = torch.tensor(row, device=device)
@@ -383,12 +401,52 @@ def generate(
         sequence_scores=scores,
         timings=timings,
         gate_weights=out.gate_weights,
+        logprobs=None if row_k is None or settings.num_beams > 1 else rows_extra.logprobs,
     )
 
 
-def _hit_stop(decode, tokens: list[int], stops: Sequence[str]) -> bool:
-    text = decode(tokens)
-    return any(s in text for s in stops)
+def _row_logprobs_k(logprobs: Any, rows: int) -> list[int | None] | None:
+    """``logprobs`` as one ``K`` (or None) per output row; None when no row asks."""
+    if logprobs is None:
+        return None
+    values = list(logprobs) if isinstance(logprobs, (list, tuple)) else [logprobs] * rows
+    if len(values) != rows:
+        raise GenerationError(f"logprobs must be one K or one per output row ({rows}); got {len(values)}")
+    out = [None if v is None else _as_int("logprobs", v, 0, MAX_LOGPROBS, "MAX_LOGPROBS") for v in values]
+    return out if any(v is not None for v in out) else None
+
+
+class _RowExtras:
+    """The per-row constraint and log-probability bookkeeping of the greedy / sampling loop."""
+
+    def __init__(self, constraints: Sequence[TokenConstraint | None] | None, k: list[int | None] | None):
+        self.constraints = (
+            list(constraints) if constraints is not None and any(c is not None for c in constraints) else None
+        )
+        self.k = k
+        self.logprobs: list[list[TokenLogprobs] | None] | None = (
+            None if k is None else [[] if v is not None else None for v in k]
+        )
+
+    def record(self, raw_logits: torch.Tensor, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """After a step: log-probabilities of the running rows, constraints advanced; returns the rows whose
+        constraint terminated."""
+        running = (~finished).tolist()
+        if self.k is not None:
+            k = [v if running[i] else None for i, v in enumerate(self.k)]
+            for i, entry in enumerate(row_logprobs(raw_logits, tokens, k)):
+                if entry is not None:
+                    self.logprobs[i].append(entry)
+        done = torch.zeros_like(finished)
+        if self.constraints is not None:
+            host = tokens.tolist()
+            ended = [False] * len(host)
+            for i, c in enumerate(self.constraints):
+                if c is not None and running[i]:
+                    c.accept(host[i])
+                    ended[i] = c.is_terminated()
+            done = torch.tensor(ended, dtype=torch.bool, device=finished.device)
+        return done
 
 
 class _AllFinishedFlag:
@@ -552,7 +610,9 @@ class FixedShapeDecoder:
         self.graph = None
 
 
-def _sample_or_greedy(decoder, s, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer):
+def _sample_or_greedy(
+    decoder, s, logits, seen, eos_ids, pad_id, generator, output_logits, decode, streamer, extras=None
+):
     """Greedy / sampling loop. Tokens stay on the device; the host reads them once at the end (stop strings
     excepted: they need the text of every step)."""
     b = logits.shape[0]
@@ -564,18 +624,16 @@ def _sample_or_greedy(decoder, s, logits, seen, eos_ids, pad_id, generator, outp
     rows_idx = torch.arange(b, device=device)
     pad = torch.full((b,), pad_id, dtype=torch.long, device=device)
     flag = _AllFinishedFlag(device)
+    params = SamplingParams.shared(s)  # the decoding core (moai_sdk.modeling.decoding), one setting for all rows
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
     steps = 0
     for step in range(steps_max):
         if step_logits is not None:
             step_logits.append(logits.clone())
-        scores = apply_repetition_penalty(logits, seen, s.repetition_penalty)
-        if s.do_sample:
-            probs = warp_for_sampling(scores, s).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            nxt = scores.argmax(-1)
+        constraints = extras.constraints if extras is not None else None
+        nxt = next_tokens(logits, params, seen=seen, generator=generator, constraints=constraints)
         nxt = torch.where(finished, pad, nxt)
+        ended = extras.record(logits, nxt, finished) if extras is not None else None
         tokens[:, step] = nxt
         steps = step + 1
         if streamer is not None:
@@ -583,6 +641,8 @@ def _sample_or_greedy(decoder, s, logits, seen, eos_ids, pad_id, generator, outp
         if s.repetition_penalty != 1.0:
             seen[rows_idx, nxt] |= ~finished
         done_now = torch.isin(nxt, eos_ids) & ~finished
+        if ended is not None:
+            done_now = done_now | (ended & ~finished)
         if s.stop:
             done_now = _apply_stop_strings(decode, s.stop, tokens[:, :steps], done_now, finished)
         finish_step = torch.where(done_now, step, finish_step)
@@ -605,7 +665,7 @@ def _apply_stop_strings(decode, stops, tokens, done_now, finished) -> torch.Tens
     """Mark rows whose text (up to this step) contains a stop string; host-side, every step."""
     host = tokens.tolist()
     running = (~finished & ~done_now).tolist()
-    hit = [running[i] and _hit_stop(decode, host[i], stops) for i in range(len(host))]
+    hit = [running[i] and hit_stop_string(decode, host[i], stops) for i in range(len(host))]
     if not any(hit):
         return done_now
     return done_now | torch.tensor(hit, dtype=torch.bool, device=done_now.device)

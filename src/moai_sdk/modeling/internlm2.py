@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import embedding
 from ..errors import ConfigError, InputError
 from .config import MoAIConfig
 
@@ -72,7 +73,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(self.base), persistent=False)
 
     def _inv_freq(self, base: float, device=None) -> torch.Tensor:
-        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+        target = torch.empty(0, device=device).device
+        # On the meta device (the loader builds there) the values are placeholders: compute them on the CPU, since
+        # meta-device arithmetic runs Python references that import torch._dynamo (~230 MiB) on first use.
+        where = torch.device("cpu") if target.type == "meta" else target
+        return (1.0 / (base ** (torch.arange(0, self.dim, 2, device=where).float() / self.dim))).to(target)
 
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) frequency buffer, e.g. after building on the meta device."""
@@ -220,6 +225,7 @@ class InternLM2Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         causal: bool = False,
         cache_index: torch.Tensor | None = None,
+        cache_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One attention block.
 
@@ -228,6 +234,8 @@ class InternLM2Attention(nn.Module):
         ``rope`` = precomputed (cos, sin) for ``positions`` (computed here when absent). ``cache_index`` (a
         one-element LongTensor on the device) switches to fixed shapes: the new keys/values are written at that
         slot and the attention covers the whole cache, ``attn_bias`` masking the slots not written yet.
+        ``cache_positions`` ([B] LongTensor, one new token per row) writes each row's keys/values at its own slot
+        and attends over the first ``kv_length`` slots (rows of different lengths decode together).
         """
         if self.mixer is not None and aux is not None and im_mask is not None and lang_mask is not None:
             hidden_states = self.mixer(hidden_states, im_mask, lang_mask, aux)
@@ -244,7 +252,13 @@ class InternLM2Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
-        if cache is not None and cache_index is not None:
+        if cache is not None and cache_positions is not None:
+            rows = torch.arange(b, device=k.device)
+            cache.key[rows, :, cache_positions] = k[:, :, 0]
+            cache.value[rows, :, cache_positions] = v[:, :, 0]
+            k = cache.key[:, :, :kv_length]
+            v = cache.value[:, :, :kv_length]
+        elif cache is not None and cache_index is not None:
             cache.key.index_copy_(2, cache_index, k)
             cache.value.index_copy_(2, cache_index, v)
             k, v = cache.key, cache.value
@@ -348,7 +362,7 @@ class InternLM2Model(nn.Module):
     def __init__(self, config: MoAIConfig, mixers: dict[int, nn.Module] | None = None):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size + 1, config.hidden_size)
+        self.tok_embeddings = embedding(config.vocab_size + 1, config.hidden_size)
         mixers = mixers or {}
         self.layers = nn.ModuleList(
             InternLM2DecoderLayer(config, mixers.get(i)) for i in range(config.num_hidden_layers)
@@ -443,6 +457,49 @@ class InternLM2Model(nn.Module):
             kv_length=capacity,
             rope=rope,
             cache_index=cache_index,
+        )
+
+    def decode_rows(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: KVCache,
+        lengths: torch.Tensor,
+        kv_length: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decoding step for rows of different lengths (the continuous-batching engine's step).
+
+        ``inputs_embeds`` [B, 1, H] are the rows' newest tokens; row ``i`` holds ``lengths[i]`` keys/values in
+        ``cache`` (left-aligned, no holes), its new token gets rotary position ``lengths[i]`` and its keys/values go
+        to slot ``lengths[i]``; attention covers the first ``kv_length`` slots (at least ``max(lengths) + 1``),
+        each row masked to its own ``lengths[i] + 1``. ``attention_mask`` [B, kv_length] may be passed when the
+        caller already has it. Row ``i``'s result equals a single-row step with ``lengths[i]`` cached tokens up to
+        float rounding. ``cache.length`` is left to the caller.
+        """
+        if inputs_embeds.shape[1] != 1:
+            raise InputError("decode_rows takes one new token per row")
+        rotary = self.layers[0].attention.rotary if self.layers else None
+        if rotary is not None and rotary.varies_with_length(kv_length):
+            raise ConfigError("dynamic RoPE scaling depends on the running length; rows cannot decode together")
+        device = inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.arange(kv_length, device=device)[None, :] <= lengths[:, None]
+        dtype = inputs_embeds.dtype
+        attn_bias = build_attention_bias(attention_mask, 1, kv_length - 1, dtype)
+        positions = lengths[:, None]
+        rope = rotary(positions, kv_length, dtype) if rotary is not None else None
+        return self._run_layers(
+            inputs_embeds,
+            cache,
+            im_mask=None,
+            positions=positions,
+            attn_bias=attn_bias,
+            lang_mask=None,
+            aux=None,
+            cache_start=0,
+            kv_length=kv_length,
+            rope=rope,
+            cache_positions=lengths,
         )
 
     def _run_layers(self, h: torch.Tensor, cache: KVCache | None, **layer_kwargs) -> torch.Tensor:

@@ -328,6 +328,24 @@ class MoAIForCausalLM(nn.Module):
             hidden = hidden[:, -1:]
         return MoAIOutput(logits=self.output(hidden), attention_mask=attention_mask, cache=cache)
 
+    def decode_rows(
+        self, tokens: torch.Tensor, cache: KVCache, lengths: torch.Tensor, kv_length: int | None = None
+    ) -> torch.Tensor:
+        """One decoding step for rows of different cached lengths: float32 logits [B, vocab] of the next token.
+
+        ``tokens`` [B] are each row's newest token, ``lengths`` [B] how many keys/values row ``i`` holds in
+        ``cache`` (see :meth:`InternLM2Model.decode_rows <moai_sdk.modeling.internlm2.InternLM2Model.decode_rows>`);
+        the step writes each row's new keys/values at slot ``lengths[i]``. ``kv_length`` (default
+        ``max(lengths) + 1``) is how many slots the attention reads.
+        """
+        if kv_length is None:
+            kv_length = int(lengths.max()) + 1
+        if kv_length > cache.capacity:
+            raise InputError(f"the step needs {kv_length} cache slots; the cache holds {cache.capacity}")
+        embeds = self.model.tok_embeddings(tokens.to(self.device)[:, None])
+        hidden = self.model.decode_rows(embeds, cache, lengths.to(self.device), kv_length)
+        return self.output(hidden)[:, -1].float()
+
     # ------------------------------------------------------------------ generation, loading and saving
     def generate(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> GenerateOutput:
         """Generate with a KV cache (positional order as the official: ``input_ids, pixel_values, aux_embeds,

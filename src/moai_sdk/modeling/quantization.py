@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..defaults import QUANTIZATION_MODES
 from ..errors import ConfigError, DependencyError
 from .int4 import check_int4_device, mark_int4_linears, quantize_int4_linear
 
-QUANTIZATION_MODES = (None, "nf4", "nf4-lora", "int8", "official", "int4")
 OFFICIAL_SKIP_SUBSTRINGS = ("vision_tower", "vision_proj", "Plora_main", "moai", "output")
 
 

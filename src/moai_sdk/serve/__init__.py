@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "ServeConfig", "BatchScheduler", "ServerMetrics"]
+__all__ = ["create_app", "ServeConfig", "EngineScheduler", "BatchScheduler", "ServerMetrics"]
 
 _LAZY = {
     "create_app": "app",
     "ServeConfig": "app",
+    "EngineScheduler": "engine_scheduler",
     "BatchScheduler": "scheduler",
     "ServerMetrics": "metrics",
 }

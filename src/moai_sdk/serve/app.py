@@ -1,4 +1,4 @@
-"""The ASGI app: OpenAI-compatible chat completions over a dynamically batched MoAI pipeline.
+"""The ASGI app: OpenAI-compatible chat completions over MoAI's continuous-batching engine.
 
 ``create_app(pipe, ...)`` returns a FastAPI app (usable in your own ASGI stack; ``moai serve`` runs it under
 uvicorn). Endpoints:
@@ -32,7 +32,7 @@ import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -41,8 +41,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DependencyError, InputError
 from ..pipeline import MoAIPipeline
+from .engine_scheduler import EngineScheduler
 from .images import load_request_image
 from .metrics import ServerMetrics
 from .protocol import (
@@ -55,11 +56,13 @@ from .protocol import (
     completion,
     completion_id,
     generation_settings,
+    logprobs_content,
     model_card,
+    output_options,
     parse_messages,
     usage,
 )
-from .scheduler import Answer, BatchScheduler, Job
+from .scheduler import Answer, Job
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,10 @@ class ServeConfig:
     max_image_bytes: int = 20 * 2**20  #: largest encoded image
     max_body_bytes: Optional[int] = None  #: largest request body; default: the base64 image plus 1 MiB
     remote_timeout: float = 10.0  #: seconds for a remote image fetch
+    scheduling: str = "continuous"  #: "continuous" (rows join/leave every step) or "static" (request-level)
+    max_num_seqs: Optional[int] = None  #: rows decoding together; default: max_batch_size
+    kv_budget: Union[int, float, None] = None  #: KV pool bytes, or a fraction of free CUDA memory
+    max_num_batched_tokens: int = 4096  #: per-step token budget (decode rows + newcomers' prefill)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -90,6 +97,8 @@ class ServeConfig:
             raise ConfigError(f"max_queue must be >= 1; got {self.max_queue}")
         if self.batch_timeout_ms < 0 or self.request_timeout <= 0 or self.max_image_bytes < 1:
             raise ConfigError("batch_timeout_ms must be >= 0, request_timeout > 0 and max_image_bytes >= 1")
+        if self.scheduling not in ("continuous", "static"):
+            raise ConfigError(f"scheduling must be 'continuous' or 'static'; got {self.scheduling!r}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key must not be empty (omit it for an open server)")
 
@@ -180,7 +189,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **options: Any) -> FastAPI:
-    """A FastAPI app serving ``pipe`` with dynamic batching; ``options`` are :class:`ServeConfig` fields.
+    """A FastAPI app serving ``pipe`` on the continuous-batching engine (:mod:`moai_sdk.engine`, through
+    :class:`~moai_sdk.serve.engine_scheduler.EngineScheduler`); ``options`` are :class:`ServeConfig` fields.
 
     The model thread starts (and loads the pipeline) with the app's lifespan, or on the first request when the
     app is mounted where lifespans do not run; ``/health`` says when it is ready.
@@ -191,9 +201,12 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         config = ServeConfig(**{**config.__dict__, **options})
     metrics = ServerMetrics()
     served = config.served_model_name or pipe.model_id
-    scheduler = BatchScheduler(
+    scheduler = EngineScheduler(
         pipe,
-        max_batch_size=config.max_batch_size,
+        scheduling=config.scheduling,
+        max_num_seqs=config.max_num_seqs or config.max_batch_size,
+        kv_budget=config.kv_budget,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         batch_timeout=config.batch_timeout_ms / 1000.0,
         max_queue=config.max_queue,
         metrics=metrics,
@@ -236,7 +249,7 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
                 401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
-    def ready() -> BatchScheduler:
+    def ready() -> EngineScheduler:
         scheduler.start()
         if scheduler.load_error is not None:
             raise APIError(503, f"the model failed to load: {scheduler.load_error}", code="load_failed")
@@ -292,6 +305,21 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
     async def models() -> dict:
         return {"object": "list", "data": [model_card(served, created)]}
 
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str) -> dict:
+        if model_id != served:
+            raise APIError(
+                404, f"the model {model_id!r} is not served here; this server serves {served!r}", code="model_not_found"
+            )
+        return model_card(served, created)
+
+    def choice_logprobs(result: Any, sched: EngineScheduler) -> list:
+        """OpenAI's ``logprobs.content`` of an answer's tokens (the closing EOS has no text and is left out)."""
+        entries = list(result.logprobs or [])
+        if entries and result.new_token_ids and result.new_token_ids[-1] == sched.info.eos_token_id:
+            entries = entries[:-1]
+        return logprobs_content(entries)
+
     @app.post("/v1/perceive", dependencies=[Depends(authorize)])
     async def perceive(body: PerceiveRequest, request: Request) -> Response:
         arrived = time.perf_counter()
@@ -324,13 +352,26 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         check_unsupported(body)
         prompt, image_ref = parse_messages(body.messages)
         settings = generation_settings(body, pipe.generation_config)
+        outputs = output_options(body)
+        if outputs.response_format is not None:  # a schema the engine cannot compile is the client's 400
+            try:
+                await run_in_threadpool(pipe.structured.compile, outputs.response_format)
+            except (InputError, DependencyError) as exc:
+                param = "structured_outputs" if body.structured_outputs else "response_format"
+                raise bad_request(str(exc), param, code=type(exc).__name__) from exc
+        if (outputs.n > 1 or outputs.logprobs is not None or outputs.response_format) and settings.num_beams > 1:
+            raise bad_request(
+                "n, logprobs and structured outputs need greedy or sampling decoding; this server's default is "
+                "beam search -- send a temperature",
+                "n" if outputs.n > 1 else "logprobs" if outputs.logprobs is not None else "response_format",
+            )
         with sched.preparing():
             image = await request_image(image_ref, "messages[0].content")
             requested = body.max_completion_tokens is not None or body.max_tokens is not None
             context = await run_in_threadpool(sched.context_tokens, prompt)
             settings = _fit_context(settings, context, sched.info.max_context, requested)
             loop = asyncio.get_running_loop()
-            job = Job("chat", image, loop, prompt=prompt, settings=settings, stream=bool(body.stream))
+            job = Job("chat", image, loop, prompt=prompt, settings=settings, stream=bool(body.stream), outputs=outputs)
             sched.submit(job)
         deadline = arrived + config.request_timeout
         cid, created_at = completion_id(), int(time.time())
@@ -347,11 +388,13 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
             metrics.prompt_tokens.inc(use["prompt_tokens"])
             metrics.generated_tokens.inc(use["completion_tokens"])
             moai = _moai_extension(answer) if want_moai else None
-            return JSONResponse(
-                completion(cid, served, created_at, answer.result.text, answer.finish_reason, use, moai)
-            )
+            choices = [
+                (r.text, reason, choice_logprobs(r, sched) if outputs.logprobs is not None else None)
+                for r, reason in answer.choices
+            ]
+            return JSONResponse(completion(cid, served, created_at, choices, None, use, moai))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _sse(job, first, cid, served, created_at, include_usage, want_moai, deadline)
+        events = _sse(job, first, cid, served, created_at, include_usage, want_moai, deadline, outputs)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _sse(
@@ -363,8 +406,13 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
         include_usage: bool,
         want_moai: bool,
         deadline: float,
+        outputs: Any,
     ) -> AsyncIterator[str]:
-        """Server-sent events of one streaming job: role, text pieces, the finish chunk, usage, ``[DONE]``."""
+        """Server-sent events of one streaming job: role, text pieces, the finish chunk, usage, ``[DONE]``.
+
+        With ``logprobs`` the text streams as it is generated and the tokens' log-probabilities follow in one
+        chunk before the finish chunk; with ``n`` > 1 each choice arrives whole (its text and log-probabilities in
+        one chunk, then its finish chunk), once all are generated."""
         ended = False
 
         def data(obj: Any) -> str:
@@ -384,10 +432,27 @@ def create_app(pipe: MoAIPipeline, config: Optional[ServeConfig] = None, **optio
                     metrics.prompt_tokens.inc(use["prompt_tokens"])
                     metrics.generated_tokens.inc(use["completion_tokens"])
                     moai = _moai_extension(answer) if want_moai else None
-                    finish = chunk(
-                        cid, model, created_at, {}, answer.finish_reason, include_usage=include_usage, moai=moai
-                    )
-                    yield data(finish)
+                    for i, (result, reason) in enumerate(answer.choices):
+                        lp = choice_logprobs(result, scheduler) if outputs.logprobs is not None else None
+                        if outputs.n > 1:
+                            delta = {"role": "assistant", "content": result.text} if i else {"content": result.text}
+                            yield data(
+                                chunk(cid, model, created_at, delta, index=i, logprobs=lp, include_usage=include_usage)
+                            )
+                        elif lp is not None:
+                            yield data(chunk(cid, model, created_at, {}, logprobs=lp, include_usage=include_usage))
+                        last = i == len(answer.choices) - 1
+                        finish = chunk(
+                            cid,
+                            model,
+                            created_at,
+                            {},
+                            reason,
+                            include_usage=include_usage,
+                            moai=moai if last else None,
+                            index=i,
+                        )
+                        yield data(finish)
                     if include_usage:
                         yield data(chunk(cid, model, created_at, None, include_usage=True, use=use))
                     yield "data: [DONE]\n\n"
@@ -429,10 +494,11 @@ def _fit_context(settings: Any, context: int, max_context: int, requested: bool)
     return settings
 
 
-def _usage(answer: Answer, scheduler: BatchScheduler) -> dict[str, int]:
+def _usage(answer: Answer, scheduler: EngineScheduler) -> dict[str, int]:
     counts = answer.result.token_counts
     prompt_tokens = int(counts.get("context", 0)) + scheduler.info.aux_tokens
-    return usage(prompt_tokens, len(answer.result.new_token_ids))
+    results = [r for r, _ in answer.choices] or [answer.result]
+    return usage(prompt_tokens, sum(len(r.new_token_ids) for r in results))
 
 
 def _moai_extension(answer: Answer) -> dict[str, Any]:

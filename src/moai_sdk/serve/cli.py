@@ -1,6 +1,7 @@
 """The ``moai serve`` command: its arguments and how it runs the server under uvicorn.
 
-``moai_sdk.cli`` registers it with :func:`add_parser` and dispatches to :func:`run`. The pipeline options
+``moai_sdk.cli`` registers it (:data:`moai_sdk.cli.COMMANDS`: :func:`add_arguments`, handler :func:`run`), so this
+module is imported to build the ``moai`` parser and imports only light modules at module level. The pipeline options
 (``--model``, ``--quantization``, ``--device``, ``--experts``, ``--tiny`` ...) come from
 :mod:`moai_sdk.cli_options`, spelled as in every other command. Neither FastAPI nor uvicorn is imported until the
 server starts.
@@ -28,15 +29,14 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 DESCRIPTION = """\
 Serve MoAI over HTTP with an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) plus
-POST /v1/perceive, GET /health and GET /metrics. Requests that arrive together run as one batched pipeline call.
+POST /v1/perceive, GET /health and GET /metrics. Requests run on the continuous-batching engine: rows join and
+leave the running batch at every decoding step (--scheduling static: request-level batches).
 Binds 127.0.0.1 unless told otherwise; remote image URLs are refused unless --allow-remote-images."""
+HELP = "an OpenAI-compatible HTTP server with dynamic batching"
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``serve`` command to ``subparsers`` (an ``argparse`` sub-parser action)."""
-    p = subparsers.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server with dynamic batching", description=DESCRIPTION
-    )
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``moai serve`` to its sub-parser ``p``."""
     p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="Hub id or checkpoint folder")
     add_model_options(p)
     add_hub_options(p)
@@ -54,13 +54,37 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-batch-size",
         type=int,
         default=8,
-        help="rows per batched pipeline call; 1 turns batching off (default: 8)",
+        help="rows decoding together (the same as --max-num-seqs); 1 turns batching off (default: 8)",
     )
     p.add_argument(
         "--batch-timeout-ms",
         type=float,
         default=50.0,
-        help="how long a batch waits for companions, after its oldest request or the previous call (default: 50)",
+        help="--scheduling static: how long an empty batch waits for companions, after its first prepared request "
+        "or the previous batch (default: 50)",
+    )
+    p.add_argument(
+        "--scheduling",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="continuous: rows join and leave the running batch at every decoding step (default); static: a new "
+        "batch starts only when the previous one has ended (request-level batching, the benchmarks' baseline)",
+    )
+    p.add_argument(
+        "--max-num-seqs", type=int, default=None, help="rows decoding together (default: --max-batch-size, 8)"
+    )
+    p.add_argument(
+        "--kv-budget",
+        type=_kv_budget,
+        default=None,
+        help="KV cache pool: bytes (e.g. 2000000000) or a fraction of free CUDA memory (e.g. 0.5); "
+        "default: 0.5 on CUDA, 4 GiB elsewhere. A request is admitted only when its prompt + max_tokens fit",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=4096,
+        help="per-step token budget: running rows + newcomers' prefill positions (default: 4096)",
     )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default: 64)")
     p.add_argument(
@@ -77,6 +101,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _kv_budget(text: str) -> int | float:
+    """``--kv-budget``: an integer number of bytes, or a fraction in (0, 1]."""
+    try:
+        value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes (an integer) or a fraction like 0.5; got {text!r}") from None
+    if (isinstance(value, float) and not 0 < value <= 1) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected bytes > 0 or a fraction in (0, 1]; got {text!r}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace, default_name: str) -> Any:
     """The :class:`~moai_sdk.serve.app.ServeConfig` of the parsed flags (the API key may come from the env)."""
     from .app import ServeConfig
@@ -91,6 +126,10 @@ def config_from_args(args: argparse.Namespace, default_name: str) -> Any:
         api_key=api_key,
         allow_remote_images=args.allow_remote_images,
         max_image_bytes=args.max_image_bytes,
+        scheduling=args.scheduling,
+        max_num_seqs=args.max_num_seqs,
+        kv_budget=args.kv_budget,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 

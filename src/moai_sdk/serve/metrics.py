@@ -7,7 +7,12 @@
 * ``moai_request_seconds{endpoint}`` -- latency as the client sees it, from arrival to the last byte;
   ``moai_queue_wait_seconds`` -- arrival to the start of the request's batch;
 * ``moai_time_to_first_token_seconds`` -- arrival to the first streamed text;
-* ``moai_prompt_tokens_total`` / ``moai_generated_tokens_total`` -- the tokens of the ``usage`` objects.
+* ``moai_prompt_tokens_total`` / ``moai_generated_tokens_total`` -- the tokens of the ``usage`` objects;
+* on the engine (:mod:`moai_sdk.engine`): ``moai_running_requests`` are the rows decoding, ``moai_waiting_requests``
+  the requests waiting for perception or a KV slot, ``moai_kv_cache_bytes{state="used"|"reserved"|"allocated"}``
+  the KV pool, ``moai_step_seconds`` one engine step (decode for every running row plus admissions),
+  ``moai_time_to_first_token_seconds`` arrival to the first generated token and ``moai_inter_token_seconds`` the
+  time between a request's consecutive tokens; ``moai_batch_size`` counts the requests admitted by one step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Mapping
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
 
@@ -58,6 +64,19 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.waiting = Gauge("moai_waiting_requests", "Requests waiting for perception or a KV slot", registry=r)
+        kv = Gauge("moai_kv_cache_bytes", "KV cache pool bytes", ["state"], registry=r)
+        self.kv_used, self.kv_reserved, self.kv_allocated = (
+            kv.labels(state="used"),
+            kv.labels(state="reserved"),
+            kv.labels(state="allocated"),
+        )
+        self.step_seconds = Histogram(
+            "moai_step_seconds", "One engine step (all running rows)", buckets=STEP_BUCKETS, registry=r
+        )
+        self.inter_token = Histogram(
+            "moai_inter_token_seconds", "Time between a request's consecutive tokens", buckets=STEP_BUCKETS, registry=r
+        )
         self.prompt_tokens = Counter("moai_prompt_tokens", "Prompt tokens (text + image + auxiliary)", registry=r)
         self.generated_tokens = Counter("moai_generated_tokens", "Generated (completion) tokens", registry=r)
 
@@ -68,6 +87,11 @@ class ServerMetrics:
 
     def batch(self, size: int, timings: Mapping[str, float]) -> None:
         self.batch_size.observe(size)
+        for stage, seconds in timings.items():
+            self.stage_seconds.labels(stage=stage).observe(float(seconds))
+
+    def request_stages(self, timings: Mapping[str, float]) -> None:
+        """One request's stage timings (the engine times each request on its own)."""
         for stage, seconds in timings.items():
             self.stage_seconds.labels(stage=stage).observe(float(seconds))
 

@@ -6,9 +6,16 @@ built as plain dicts in OpenAI's shapes (``chat.completion`` / ``chat.completion
 :class:`APIError` rendered as ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
 
 What MoAI cannot do is refused with a 400 that says so instead of being silently ignored: several images, several
-turns or a system prompt (MoAI's chat template brings its own), ``n > 1``, tools / functions, log-probabilities,
-presence / frequency penalties and logit biases. Fields that do not change the answer (``user``, ``metadata``,
-``store``, ``service_tier``) are accepted and ignored.
+turns or a system prompt (MoAI's chat template brings its own), tools / functions, presence / frequency penalties
+and logit biases. Fields that do not change the answer (``user``, ``metadata``, ``store``, ``service_tier``) are
+accepted and ignored; so are top-level fields this server does not know (newer SDKs add fields over time, and vLLM
+ignores them too), with one logged warning per field name.
+
+Outputs: ``logprobs`` / ``top_logprobs`` (0..20) in OpenAI's shape; ``n`` choices (1..16) from one perception and
+one prefill, choice ``i`` sampled with ``seed + i``; structured answers with OpenAI's ``response_format``
+(``json_object``, ``json_schema`` -- ``strict`` or not, the schema is always enforced) or vLLM's
+``structured_outputs`` extension (``{"choice" | "regex" | "json" | "grammar": ...}`` or ``"json_object": true``),
+compiled by :mod:`moai_sdk.structured`. ``seed`` takes any int64 (as vLLM); a negative seed is used modulo 2**64.
 
 Sampling: ``temperature == 0`` means greedy decoding (as in vLLM); a positive temperature samples with it; an
 absent ``temperature`` keeps the pipeline's own default (``pipe.generation_config``), and so do the other absent
@@ -17,14 +24,41 @@ fields. ``top_k`` and ``repetition_penalty`` are accepted as extensions (vLLM's 
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import uuid
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import GenerationError
 from ..modeling.generation import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+#: ``seed`` bounds (int64, as vLLM); a negative seed is used modulo 2**64 (torch's seed range).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+#: Most choices (``n``) and alternatives (``top_logprobs``) per request.
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+#: vLLM's ``structured_outputs`` keys this server honours, and the ones it refuses by name.
+STRUCTURED_KEYS = ("choice", "regex", "json", "grammar", "json_object")
+STRUCTURED_UNSUPPORTED = ("structural_tag", "whitespace_pattern")
+
+_warned_fields: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_unknown_fields(names: Sequence[str]) -> None:
+    """Log one warning per unknown top-level field name (per process), then ignore it."""
+    with _warned_lock:
+        new = [n for n in names if n not in _warned_fields]
+        _warned_fields.update(new)
+    for name in new:
+        logger.warning("ignoring the unknown request field %r (warned once per field name)", name)
+
 
 #: OpenAI's error ``type`` for each status this server returns.
 ERROR_TYPES = {
@@ -94,8 +128,11 @@ class MoAIOptions(_Strict):
     )
 
 
-class ChatCompletionRequest(_Strict):
-    """``POST /v1/chat/completions``: OpenAI's fields MoAI understands, plus the ones it refuses by name."""
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``: OpenAI's fields MoAI understands, plus the ones it refuses by name; other
+    top-level fields are kept in ``model_extra`` and ignored (:func:`warn_unknown_fields`)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -105,9 +142,10 @@ class ChatCompletionRequest(_Strict):
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=0)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: Optional[Union[str, list[str]]] = None
-    n: Optional[int] = Field(default=None, ge=1)
+    n: Optional[int] = Field(default=None, ge=1, le=MAX_N)
+    structured_outputs: Optional[dict[str, Any]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     moai: Optional[MoAIOptions] = None
@@ -117,11 +155,12 @@ class ChatCompletionRequest(_Strict):
     store: Optional[bool] = None
     service_tier: Optional[str] = None
     # refused unless neutral (see check_unsupported)
+    best_of: Optional[int] = None
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     tools: Optional[list[Any]] = None
@@ -145,22 +184,22 @@ class PerceiveRequest(_Strict):
 
 def check_unsupported(req: ChatCompletionRequest) -> None:
     """Refuse, by name, what MoAI cannot do (400)."""
-    if req.n not in (None, 1):
-        raise bad_request("n > 1 is not supported: MoAI returns one answer per request; send several requests", "n")
+    if req.model_extra:
+        warn_unknown_fields(sorted(req.model_extra))
     if req.tools or req.functions or req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
         param = "tools" if req.tools or req.tool_choice not in (None, "none") else "functions"
         raise bad_request("tools / function calling are not supported by MoAI", param)
-    if req.logprobs or req.top_logprobs:
-        raise bad_request("log-probabilities are not supported by this server", "logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise bad_request(
                 f"{name} is not supported by MoAI; use the repetition_penalty extension (extra_body) instead", name
             )
+    if req.best_of not in (None, 1):
+        raise bad_request("best_of is not supported by this server; use n", "best_of", "unsupported_field")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this server", "logit_bias")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {'type': 'text'} is supported (no JSON mode)", "response_format")
     if req.modalities is not None and list(req.modalities) != ["text"]:
         raise bad_request("MoAI answers in text only: modalities must be ['text']", "modalities")
     for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
@@ -203,9 +242,9 @@ def parse_messages(messages: list[dict[str, Any]]) -> tuple[str, str]:
             texts.append(part["text"])
         elif kind == "image_url":
             ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str) or not url:
-                raise bad_request("an image_url part needs {'url': ...}", where)
+            url = ref.get("url") if isinstance(ref, dict) else None
+            if not isinstance(url, str) or not url:  # a bare string is refused, as in vLLM and OpenAI
+                raise bad_request("an image_url part needs an object {'url': ...}, not a bare string", where)
             images.append(url)
         else:
             raise bad_request(f"unsupported content part {kind!r}: MoAI reads 'text' parts and one 'image_url'", where)
@@ -237,9 +276,11 @@ def generation_settings(req: ChatCompletionRequest, defaults: GenerationSettings
         values["do_sample"] = req.temperature > 0
         if req.temperature > 0:
             values["temperature"] = req.temperature
-    for name in ("top_p", "top_k", "repetition_penalty", "seed"):
+    for name in ("top_p", "top_k", "repetition_penalty"):
         if getattr(req, name) is not None:
             values[name] = getattr(req, name)
+    if req.seed is not None:
+        values["seed"] = req.seed % 2**64  # any int64, as vLLM; torch seeds are 0..2**64-1
     if req.stop is not None:
         values["stop"] = stop_list(req.stop)
     try:
@@ -249,6 +290,79 @@ def generation_settings(req: ChatCompletionRequest, defaults: GenerationSettings
     if req.stream and settings.num_beams > 1:
         raise bad_request("beam search (the server's default num_beams > 1) cannot stream; use stream=false", "stream")
     return settings
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a request asks of its outputs: ``n`` choices, ``logprobs`` (K alternatives, None = off) and a
+    ``response_format`` for :mod:`moai_sdk.structured` (None = free text); ``key`` says which requests may share
+    a pipeline call."""
+
+    n: int = 1
+    logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    @property
+    def key(self) -> tuple:
+        import json
+
+        fmt = None if self.response_format is None else json.dumps(self.response_format, sort_keys=True)
+        return (self.n, self.logprobs, fmt)
+
+
+def output_options(req: ChatCompletionRequest) -> OutputOptions:
+    """``n``, ``logprobs`` / ``top_logprobs`` and the structured-output request (OpenAI's ``response_format`` or
+    vLLM's ``structured_outputs``, not both) of a request."""
+    k = None
+    if req.logprobs:
+        k = int(req.top_logprobs or 0)
+    fmt = None
+    rf = req.response_format
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_schema":
+            inner = rf.get("json_schema")
+            if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict):
+                raise bad_request("response_format json_schema needs {'name': ..., 'schema': {...}}", "response_format")
+            fmt = {"type": "json_schema", "json_schema": {"schema": inner.get("schema", {})}}
+        elif kind == "json_object":
+            fmt = {"type": "json_object"}
+        elif kind != "text":
+            raise bad_request(
+                f"response_format type must be 'text', 'json_object' or 'json_schema'; got {kind!r}", "response_format"
+            )
+    so = req.structured_outputs
+    if so:
+        if fmt is not None:
+            raise bad_request("send either response_format or structured_outputs, not both", "structured_outputs")
+        refused = [k for k in STRUCTURED_UNSUPPORTED if so.get(k) is not None]
+        if refused:
+            raise bad_request(f"structured_outputs {refused[0]} is not supported by this server", "structured_outputs")
+        given = {k: v for k, v in so.items() if k in STRUCTURED_KEYS and v not in (None, False)}
+        others = sorted(set(so) - set(STRUCTURED_KEYS))
+        if others:
+            logger.info("structured_outputs: ignoring the backend options %s", others)
+        if len(given) != 1:
+            raise bad_request(
+                f"structured_outputs takes exactly one of {list(STRUCTURED_KEYS)}; got {sorted(given)}",
+                "structured_outputs",
+            )
+        ((name, value),) = given.items()
+        fmt = {"type": "json_object"} if name == "json_object" else {name: value}
+    return OutputOptions(int(req.n or 1), k, fmt)
+
+
+def logprobs_content(entries: Sequence[Any]) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` list of :class:`~moai_sdk.results.TokenLogprob` entries."""
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": list(e.bytes),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top_logprobs],
+        }
+        for e in entries
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,18 +388,27 @@ def _header(cid: str, kind: str, created: int, model: str) -> dict[str, Any]:
 
 
 def completion(
-    cid: str, model: str, created: int, text: str, finish_reason: str, use: dict[str, int], moai: Optional[dict]
+    cid: str,
+    model: str,
+    created: int,
+    text: Union[str, Sequence[tuple[str, str, Optional[list]]]],
+    finish_reason: Optional[str],
+    use: dict[str, int],
+    moai: Optional[dict],
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object."""
+    """A ``chat.completion`` object: one answer ``text`` and its ``finish_reason``, or a sequence of choices
+    ``(text, finish_reason, logprobs content or None)``."""
+    choices = [(text, finish_reason, None)] if isinstance(text, str) else list(text)
     body: dict[str, Any] = {
         **_header(cid, "chat.completion", created, model),
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
+                "index": i,
+                "message": {"role": "assistant", "content": t, "refusal": None},
+                "logprobs": None if lp is None else {"content": lp, "refusal": None},
+                "finish_reason": reason,
             }
+            for i, (t, reason, lp) in enumerate(choices)
         ],
         "usage": use,
         "system_fingerprint": None,
@@ -305,13 +428,17 @@ def chunk(
     include_usage: bool = False,
     use: Optional[dict[str, int]] = None,
     moai: Optional[dict] = None,
+    index: int = 0,
+    logprobs: Optional[list] = None,
 ) -> dict[str, Any]:
-    """A ``chat.completion.chunk``; ``delta=None`` gives the usage-only chunk with no choices."""
+    """A ``chat.completion.chunk`` of choice ``index``; ``delta=None`` gives the usage-only chunk with no choices;
+    ``logprobs``: the ``logprobs.content`` entries of the tokens this chunk carries."""
+    lp = None if logprobs is None else {"content": logprobs, "refusal": None}
     body: dict[str, Any] = {
         **_header(cid, "chat.completion.chunk", created, model),
         "choices": []
         if delta is None
-        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        else [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
         "system_fingerprint": None,
     }
     if include_usage:

@@ -53,7 +53,7 @@ from ..prompts import build_prompt
 from ..results import MoAIResult
 from ..streaming import AnswerStream, cut_answer
 from .metrics import ServerMetrics
-from .protocol import APIError
+from .protocol import APIError, OutputOptions
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,12 @@ def api_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
-def batch_key(settings: GenerationSettings) -> Hashable:
-    """What must be equal for two chat requests to share one pipeline call (see the module docstring)."""
+def batch_key(settings: GenerationSettings, outputs: Optional[OutputOptions] = None) -> Hashable:
+    """What must be equal for two chat requests to share one pipeline call (see the module docstring); requests
+    asking for logprobs, n choices or a response_format share a call only with requests asking the same."""
     values = settings.to_dict()
+    if outputs is not None and outputs != OutputOptions():
+        values["outputs"] = outputs.key
     values.pop("max_new_tokens")
     if not settings.do_sample:
         for name in ("temperature", "top_p", "top_k", "seed"):
@@ -93,6 +96,8 @@ class Answer:
     result: MoAIResult
     finish_reason: str
     batch_size: int
+    #: Every choice (``n`` > 1) as ``(result, finish_reason)``; ``result`` is the first.
+    choices: list = dataclasses.field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -106,6 +111,7 @@ class Job:
     settings: Optional[GenerationSettings] = dataclasses.field(default=None, kw_only=True)
     stream: bool = dataclasses.field(default=False, kw_only=True)
     experts: Optional[list[str]] = dataclasses.field(default=None, kw_only=True)
+    outputs: OutputOptions = dataclasses.field(default_factory=OutputOptions, kw_only=True)
     id: str = dataclasses.field(init=False, default_factory=lambda: uuid.uuid4().hex)
     arrived: float = dataclasses.field(init=False, default_factory=time.perf_counter)
     started: Optional[float] = dataclasses.field(init=False, default=None)
@@ -117,7 +123,7 @@ class Job:
 
     def __post_init__(self) -> None:
         chat = self.kind == "chat"
-        self.key: Hashable = batch_key(self.settings) if chat else ("perceive", tuple(self.experts or ()))
+        self.key: Hashable = batch_key(self.settings, self.outputs) if chat else ("perceive", tuple(self.experts or ()))
 
     @property
     def max_new_tokens(self) -> int:
@@ -393,11 +399,21 @@ class BatchScheduler:
         eos = set(settings.eos_token_id if isinstance(settings.eos_token_id, list) else [settings.eos_token_id])
         if settings.eos_token_id is None:
             eos = {self.info.eos_token_id if self.info else self.pipe.tokenizer.eos_token_id}
-        rows = [_Row(j, AnswerStream(self.decode, settings.stop) if j.stream else None) for j in live]
-        hook = self._on_token(rows, eos) if settings.num_beams == 1 else None  # beam search has no per-step hook
+        outputs = live[0].outputs  # equal for the whole batch (batch_key)
+        n = outputs.n
+        rows = [_Row(j, AnswerStream(self.decode, settings.stop) if j.stream and n == 1 else None) for j in live]
+        # beam search has no per-step hook; n choices stream each whole choice at the end
+        hook = self._on_token(rows, eos) if settings.num_beams == 1 and n == 1 else None
+        extra: dict[str, Any] = {"logprobs": outputs.logprobs, "response_format": outputs.response_format}
+        if n > 1:
+            extra["n"] = n
         try:
             results = self.pipe(
-                [j.image for j in live], [j.prompt for j in live], generation_config=settings, on_token=hook
+                [j.image for j in live],
+                [j.prompt for j in live],
+                generation_config=settings,
+                on_token=hook,
+                **extra,
             )
         except _AllGone:
             logger.info("every client of a batch of %d went away; generation stopped", len(live))
@@ -414,8 +430,8 @@ class BatchScheduler:
             self._fail(live, exc)
             return
         self.metrics.batch(len(live), results[0].timings if results else {})
-        for row, result in zip(rows, results):
-            self._deliver(row, result, settings, eos, len(live))
+        for i, row in enumerate(rows):
+            self._deliver(row, results[i * n : (i + 1) * n], settings, eos, len(live))
 
     def _on_token(self, rows: list[_Row], eos: set[int]) -> Callable[[torch.Tensor], None]:
         """The pipeline's per-step hook: feed each streaming row's :class:`AnswerStream`; stop when all left."""
@@ -444,28 +460,39 @@ class BatchScheduler:
 
         return on_token
 
-    def _deliver(self, row: _Row, result: MoAIResult, settings: GenerationSettings, eos: set[int], size: int) -> None:
+    def _deliver(
+        self, row: _Row, results: list[MoAIResult], settings: GenerationSettings, eos: set[int], size: int
+    ) -> None:
         job = row.job
         if job.cancelled.is_set():
             return
         limit = job.max_new_tokens
-        ids = list(result.new_token_ids)
-        if len(ids) > limit:  # the batch ran to a larger maximum: cut this row back to its own
-            ids = ids[:limit]
-            counts = {**result.token_counts, "generated": len(ids)}
-            result = result.model_copy(
-                update={
+        choices = []
+        for result in results:
+            ids = list(result.new_token_ids)
+            reason = result.finish_reason
+            if len(ids) > limit:  # the batch ran to a larger maximum: cut this row back to its own
+                ids = ids[:limit]
+                counts = {**result.token_counts, "generated": len(ids)}
+                update: dict[str, Any] = {
                     "new_token_ids": ids,
-                    "text": self.pipe.answer_text(ids, settings.stop),
                     "token_counts": counts,
                     "generation": {**result.generation, "max_new_tokens": limit},
                 }
-            )
+                if job.outputs.response_format is None:
+                    update["text"] = self.pipe.answer_text(ids, settings.stop)
+                if result.logprobs is not None:
+                    update["logprobs"] = result.logprobs[:limit]
+                result = result.model_copy(update=update)
+                reason = None
+            if reason is None or job.outputs.response_format is None:
+                reason = self.finish_reason(ids, limit, settings.stop, eos)
+            choices.append((result, reason))
         if row.stream is not None:
-            tail = row.stream.finish(result.text)
+            tail = row.stream.finish(choices[0][0].text)
             if tail:
                 job.emit("delta", tail)
-        job.finish("result", Answer(result, self.finish_reason(ids, limit, settings.stop, eos), size))
+        job.finish("result", Answer(choices[0][0], choices[0][1], size, choices))
 
     def finish_reason(self, ids: list[int], limit: int, stop: list[str], eos: set[int]) -> str:
         """``"stop"`` when the answer ended by itself (EOS, a stop string, the chat marker), else ``"length"``."""

@@ -117,7 +117,14 @@ def _save_pretrained(directory: PathLike, model: Any, processor: Any, what: str)
     """Save ``model`` and ``processor`` with ``save_pretrained`` into ``directory`` (created) and return it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    tf_logging = _transformers().utils.logging
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()  # a one-shard tiny file: transformers' "Writing model shards" bar is noise
+    try:
+        model.save_pretrained(out)
+    finally:
+        if bars:
+            tf_logging.enable_progress_bar()
     processor.save_pretrained(out)
     logger.info("saved a tiny %s to %s", what, out)
     return out
