@@ -6,8 +6,8 @@ by its element ids. The answers must equal the in-process pipeline's with the sa
 be messages on the page that leave it usable; the browser console must stay free of errors; the page must not
 reach for anything but the playground's own address.
 
-``MOAI_UI_SCREENSHOT=docs/images/ui.png python -m pytest -q tests/test_ui.py -k ablate`` rewrites the README's
-screenshot.
+``MOAI_UI_SCREENSHOT=shot.png python -m pytest -q tests/test_ui.py -k ablate`` saves the page after Ask and
+Ablate (the README's docs/images/ui.png is the same page under ``moai ui --tiny /tmp/moai-tiny``).
 """
 
 from __future__ import annotations
