@@ -1,5 +1,5 @@
 """The ``moai`` command line: ``run``, ``perceive``, ``download``, ``info``, ``demo``, ``batch``, ``score``, ``eval``,
-``serve``.
+``serve``, ``ui``.
 
 * ``moai run IMAGE PROMPT`` -- answer a question about an image (``--json`` for the full typed result,
   ``--stream`` to print the answer while it is generated, ``--plot`` for the perception picture);
@@ -8,7 +8,9 @@
 * ``moai info`` -- versions, CUDA / bitsandbytes availability, registered experts and what is cached;
 * ``moai demo`` -- the whole pipeline offline on a tiny random MoAI plus the real offline OCR;
 * ``moai batch`` (:mod:`moai_sdk.batch.cli`), ``moai eval`` / ``moai score`` (:mod:`moai_sdk.evaluation.cli`) and
-  ``moai serve`` (:mod:`moai_sdk.serve.cli`).
+  ``moai serve`` (:mod:`moai_sdk.serve.cli`);
+* ``moai ui`` -- the web playground (:mod:`moai_sdk.ui.cli`; arguments here, since importing ``moai_sdk.ui``
+  loads the pipeline's image code).
 
 Errors print one line (``moai: error: ...``) on stderr and exit with status 1 (2 for bad arguments).
 
@@ -58,6 +60,7 @@ from .cli_options import add_experts_option as _add_experts_option
 from .cli_options import add_generation_options as _add_generation_options
 from .cli_options import add_hub_options as _add_hub_options
 from .cli_options import add_model_options as _add_model_options
+from .cli_options import add_tiny_option as _add_tiny_option
 from .cli_options import generation_kwargs
 from .cli_options import parse_experts as parse_experts
 from .cli_options import pipeline_from_args as _pipeline_from_args
@@ -213,6 +216,22 @@ def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--workdir", default=None, help="where to build the tiny model (default: a temporary folder)")
 
 
+def _add_ui_arguments(ui: argparse.ArgumentParser) -> None:
+    ui.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="Hub id or checkpoint folder")
+    _add_model_options(ui)
+    _add_hub_options(ui)
+    _add_experts_option(ui)
+    _add_tiny_option(ui)
+    ui.add_argument("--server", default=None, metavar="URL", help="use a running `moai serve` at URL instead")
+    ui.add_argument("--api-key", default=None, help="the server's API key (default: $MOAI_API_KEY if set)")
+    ui.add_argument("--template", default="chat", choices=["chat", "demo"])
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    ui.add_argument("--max-image-bytes", type=int, default=20 * 2**20, help="largest upload (default: 20 MiB)")
+    ui.add_argument("--max-new-tokens", type=int, default=64, help="the page's initial maximum (default: 64)")
+
+
 #: Every ``moai`` command, in the order of ``moai --help`` (see the module docstring to add one).
 COMMANDS: tuple[Command, ...] = (
     Command("run", "answer a question about an image", _add_run_arguments, "moai_sdk.cli:cmd_run"),
@@ -255,6 +274,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "serve", serve_cli.HELP, serve_cli.add_arguments, "moai_sdk.serve.cli:run", description=serve_cli.DESCRIPTION
+    ),
+    Command(
+        "ui",
+        "a web playground (Gradio): answer, what the experts saw, gates, ablation",
+        _add_ui_arguments,
+        "moai_sdk.ui.cli:run",
     ),
 )
 
