@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of one fidelity module against the tests selected in pyproject.toml [tool.mutmut].
-#   tools/mutation.sh verbalization|processing|generation [max-children]
+#   tools/mutation.sh verbalization|processing|generation|decoding [max-children]
 # Prints mutmut's summary and writes the surviving mutants to mutants/survivors-<module>.txt.
 # Slow (minutes to an hour): not part of CI. Use `mutmut show <name>` to read a mutant.
 set -euo pipefail
-module="${1:?usage: tools/mutation.sh verbalization|processing|generation [max-children]}"
+module="${1:?usage: tools/mutation.sh verbalization|processing|generation|decoding [max-children]}"
 children="${2:-1}"
 case "$module" in
   verbalization) pattern="moai_sdk.verbalization.*" ;;
   processing) pattern="moai_sdk.processing.*" ;;
   generation) pattern="moai_sdk.modeling.generation.*" ;;
+  decoding) pattern="moai_sdk.modeling.decoding.*" ;;
   *) echo "unknown module: $module" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
