@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 # mutmut puts mutants/src first on sys.path; the checked-out src must not shadow it.
 export PYTHONPATH="${MUTATION_EXTRA_PATH:-}"
 export HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 MPLBACKEND=Agg HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+# mutmut forks a test process per mutant from a parent that has run torch: with torch's OpenMP pool started, the
+# forked children hang (every mutant of processing.py timed out); one thread each avoids it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 mutmut run --max-children "$children" "$pattern"
 mutmut results --all true 2>/dev/null | grep -F "${pattern%\*}" > "mutants/survivors-$module.all.txt" || true
 grep -v ": killed$" "mutants/survivors-$module.all.txt" > "mutants/survivors-$module.txt" || true
