@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from moai_sdk.batch import read_rows, run
 from moai_sdk.batch.output import journal_path, read_journal
+from moai_sdk.batch.predictors import MoAIPredictor
 from moai_sdk.testing import build_tiny_experts, demo_image, tiny_pipeline
 
 ray = pytest.importorskip("ray")
@@ -134,48 +136,83 @@ def test_ray_rows_equal_the_local_runner_rows(ray_cluster, setup, tmp_path):
     assert {"expert.mask2former", "expert.rapidocr", "prefill", "decode"} <= set(rows[0]["timings"])
 
 
-def _model_actor_pids() -> list[int]:
-    """Process ids of the live actors of the LLM stage (Ray Data names them ``MapWorker(MapBatches(...))``), read
-    from the cluster's actor table."""
+class HeldPredictor(MoAIPredictor):
+    """The LLM stage, whose second call on an actor writes ``MARKER`` (its pid) and then blocks until ``GATE``
+    exists. Set both on the class before the run: the class travels to the actors by value (see the test)."""
+
+    MARKER = ""
+    GATE = ""
+
+    def __call__(self, batch):
+        self._calls = getattr(self, "_calls", 0) + 1
+        if self._calls == 2 and not os.path.exists(self.GATE):
+            Path(self.MARKER).write_text(str(os.getpid()))
+            while not os.path.exists(self.GATE):
+                time.sleep(0.05)
+        return super().__call__(batch)
+
+
+def _held_actors() -> list[dict]:
+    """The cluster's actor table rows of the held LLM stage (Ray Data names the actors after the class)."""
     from ray._private import state
 
-    return [
-        int(a["Pid"])
-        for a in state.actors().values()
-        if "MoAIPredictor" in str(a.get("ActorClassName")) and a.get("State") == "ALIVE" and a.get("Pid")
-    ]
+    return [a for a in state.actors().values() if "HeldPredictor" in str(a.get("ActorClassName"))]
 
 
-def test_an_actor_killed_mid_run_loses_and_duplicates_no_row(ray_cluster, setup, tmp_path):
+def _wait(condition, what: str, limit_s: float = 600.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not seen within {limit_s} s")
+        time.sleep(0.05)
+
+
+def test_an_actor_killed_mid_run_loses_and_duplicates_no_row(ray_cluster, setup, tmp_path, monkeypatch):
+    """The LLM actor is killed while it provably holds a batch: its second call blocks until the test opens the
+    gate, which the test opens only after killing it. The rerun batches (on the rebuilt actor) and the rows still
+    to come must each be written exactly once."""
+    from ray import cloudpickle
+
+    from moai_sdk.batch import ray_runner
+
     images = tmp_path / "six"
     images.mkdir()
     for name in sorted(os.listdir(setup["images"]))[:6]:
         shutil.copy(setup["images"] / name, images / name)
     out = tmp_path / "killed.jsonl"
     journal = journal_path(out)
+    marker, gate = tmp_path / "held.pid", tmp_path / "gate"
+    monkeypatch.setattr(HeldPredictor, "MARKER", str(marker))
+    monkeypatch.setattr(HeldPredictor, "GATE", str(gate))
+    monkeypatch.setattr(ray_runner, "MoAIPredictor", HeldPredictor)
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the actors cannot import this test module
     killed: dict = {}
 
     def killer():
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed:
-            written = len(read_journal(journal)[0]) if journal.exists() else 0
-            pids = _model_actor_pids()
-            if written >= 1 and pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.update(pid=pids[0], written=written)
-                return
-            time.sleep(0.05)
+        try:
+            _wait(marker.exists, "the held second call")
+            pid = int(marker.read_text())
+            live = [int(a["Pid"]) for a in _held_actors() if a.get("State") == "ALIVE"]
+            killed.update(written=len(read_journal(journal)[0]), alive=live)
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+        finally:
+            gate.touch()  # the rebuilt actor (or, on a failure above, the held one) goes on
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    stats = ray_run(setup, images, out, batch_size=1)
+    try:
+        stats = ray_run(setup, images, out, batch_size=1)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        gate.touch()
     thread.join(timeout=5)
-    assert killed, "the LLM actor was never seen running"
-    assert killed["written"] < 6  # killed while rows were still to come
-    from ray._private import state
-
-    restarts = [a["NumRestarts"] for a in state.actors().values() if "MoAIPredictor" in str(a.get("ActorClassName"))]
-    assert max(restarts) >= 1  # Ray rebuilt the killed actor (and reran its batch)
+    assert killed.get("pid") in killed["alive"], killed  # the held process was the live LLM actor
+    # rows come back in input order and the second one's call never returned: at most the first was written (Ray
+    # Data may hold it back until the task's other batches are done)
+    assert killed["written"] <= 1
+    assert max(a["NumRestarts"] for a in _held_actors()) >= 1  # Ray rebuilt the killed actor (and reran its batch)
     rows = read_rows(out)
     assert [r["id"] for r in rows] == sorted(os.listdir(images))  # each id exactly once
     assert stats["rows"] == 6

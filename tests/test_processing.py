@@ -403,3 +403,45 @@ def test_from_pretrained_reads_image_settings(tmp_path: Path) -> None:
         MoAIProcessor("tokenizer")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="multiple of patch_size"):
         MoAIProcessor(MoAITokenizer.from_pretrained(FIXTURE), image_size=500)
+
+
+def test_prompt_lengths_count_the_text_tokens_the_processor_builds(proc: MoAIProcessor) -> None:
+    """What the context check counts is each row's attended tokens minus the one ``<image>`` placeholder, per
+    template; with ``raw`` a special token written in the prompt is one token instead of its characters."""
+    img = np.zeros((20, 30, 3), np.uint8)
+    prompts = ["hi", "a much longer prompt here", "x </s> y"]
+    templates = ["chat", "demo", "chat"]
+    out = proc([img] * 3, prompts, template=templates)
+    attended = out["attention_mask"].sum(dim=1)
+    placeholders = (out["input_ids"] == proc.image_token_index).sum(dim=1)
+    assert placeholders.tolist() == [1, 1, 1]
+    assert proc.prompt_lengths(prompts, templates) == (attended - 1).tolist()
+    assert proc.prompt_lengths(prompts, "demo") != proc.prompt_lengths(prompts, "chat")  # the template counts
+    raw = proc([img], prompts[2], template="chat", allow_special_tokens=True)
+    assert proc.prompt_lengths(prompts[2:], "chat", raw=True) == [int(raw["attention_mask"].sum()) - 1]
+    assert proc.prompt_lengths(prompts[2:], "chat", raw=True)[0] < proc.prompt_lengths(prompts[2:], "chat")[0]
+    assert proc.prompt_lengths([], "chat") == []
+
+
+def test_check_context_refuses_one_position_past_the_window(proc: MoAIProcessor) -> None:
+    from types import SimpleNamespace
+
+    prompts = ["hi", "a much longer prompt here"]
+    longest = max(proc.prompt_lengths(prompts, "chat"))
+    window = longest + proc.num_image_tokens + 10
+    config = SimpleNamespace(context_window=window, max_position_embeddings=window, rope_scaling=None)
+    proc.check_context(prompts, "chat", 10, config)  # exactly fits: the longest prompt, the image, 10 new tokens
+    with pytest.raises(InputError, match=rf"needs {window + 1:,} positions -- prompt {longest} tokens"):
+        proc.check_context(prompts, "chat", 11, config)
+    with pytest.raises(InputError, match="needs"):  # the longest row counts, not the first
+        proc.check_context(prompts[::-1], "chat", 11, config)
+    proc.check_context([], "chat", window - proc.num_image_tokens, config)  # no prompt: nothing but the image
+
+
+def test_decode_skips_special_tokens_by_default(proc: MoAIProcessor) -> None:
+    ids = proc.tokenizer.encode("hello world")
+    assert ids[0] == proc.tokenizer.bos_token_id
+    assert proc.decode(ids) == "hello world"
+    assert proc.decode(ids, skip_special_tokens=False) != "hello world"  # BOS written out
+    assert proc.batch_decode([ids, ids[:2]]) == ["hello world", proc.decode(ids[:2])]
+    assert proc.batch_decode([ids], skip_special_tokens=False) == [proc.decode(ids, skip_special_tokens=False)]

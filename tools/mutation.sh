@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of one fidelity module against the tests selected in pyproject.toml [tool.mutmut].
-#   tools/mutation.sh verbalization|processing|generation [max-children]
+#   tools/mutation.sh verbalization|processing|generation|decoding [max-children]
 # Prints mutmut's summary and writes the surviving mutants to mutants/survivors-<module>.txt.
 # Slow (minutes to an hour): not part of CI. Use `mutmut show <name>` to read a mutant.
 set -euo pipefail
-module="${1:?usage: tools/mutation.sh verbalization|processing|generation [max-children]}"
+module="${1:?usage: tools/mutation.sh verbalization|processing|generation|decoding [max-children]}"
 children="${2:-1}"
 case "$module" in
   verbalization) pattern="moai_sdk.verbalization.*" ;;
   processing) pattern="moai_sdk.processing.*" ;;
   generation) pattern="moai_sdk.modeling.generation.*" ;;
+  decoding) pattern="moai_sdk.modeling.decoding.*" ;;
   *) echo "unknown module: $module" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 # mutmut puts mutants/src first on sys.path; the checked-out src must not shadow it.
 export PYTHONPATH="${MUTATION_EXTRA_PATH:-}"
 export HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 MPLBACKEND=Agg HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+# mutmut forks a test process per mutant from a parent that has run torch: with torch's OpenMP pool started, the
+# forked children hang (every mutant of processing.py timed out); one thread each avoids it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 mutmut run --max-children "$children" "$pattern"
 mutmut results --all true 2>/dev/null | grep -F "${pattern%\*}" > "mutants/survivors-$module.all.txt" || true
 grep -v ": killed$" "mutants/survivors-$module.all.txt" > "mutants/survivors-$module.txt" || true
