@@ -107,27 +107,40 @@ def test_vision_features_before_projector(tiny_model, cases, cases_meta):
 def test_greedy_tokens_and_step_logits(tiny_model, cases, cases_meta, name):
     """Greedy tokens compared exactly: every one of the oracle's 12 steps has a top-1 margin that the step-logit
     tolerance decides (conftest.decided_argmax; the thinnest, case c, is 4.9x the bound), so a token can only differ
-    if the step logits are off by more than ``TOL``."""
+    if a step's logits are off by more than ``TOL``.
+
+    With the oracle's gate logits in the prefill (decoding steps never mix, so the prefill is the only place
+    gates act). Unpinned, a float16 gate rounding flip in the prefill reaches every step through the cache:
+    measured per-step errors up to 1.8e-4 (case c, ATEN_CPU_CAPABILITY=default; 1.3e-4 under avx512), over
+    ``TOL``, and at :data:`UNPINNED_TOL` case c's thinnest margin (4.9e-4 of the row norm) is not decided. Pinned,
+    the per-step error is float32 noise: at most 3.5e-5 on default, avx2 and avx512."""
     assert bool(decided_argmax(cases[f"{name}.decode_step_logits"], TOL).all())
-    out = tiny_model.generate(
-        **official_inputs(name, cases, cases_meta),
-        max_new_tokens=12,
-        eos_token_id=[],
-        return_dict=True,
-        output_logits=True,
-    )
+    with oracle_gate_logits(tiny_model, cases, [name]) as pinned:
+        out = tiny_model.generate(
+            **official_inputs(name, cases, cases_meta),
+            max_new_tokens=12,
+            eos_token_id=[],
+            return_dict=True,
+            output_logits=True,
+        )
+    assert pinned["calls"] == 2 * len(tiny_model.mixers)
     assert out.new_tokens == cases[f"{name}.new_tokens"].tolist()
     assert out.sequences.shape == (1, cases[f"{name}.input_ids"].shape[1] + 12)
     assert torch.equal(out.sequences[:, -12:], cases[f"{name}.new_tokens"])  # output ends with the new ids
-    steps = torch.stack(out.step_logits, 1)
-    assert rel_err(steps, cases[f"{name}.decode_step_logits"]) < TOL
+    # each step on its own (decided_argmax bounds each row's error, not the mean over the 12 steps)
+    for k, step in enumerate(out.step_logits):
+        assert rel_err(step, cases[f"{name}.decode_step_logits"][:, k]) < TOL, f"step {k}"
 
 
 def test_beam_search_matches_official(tiny_model, cases, cases_meta):
     name = "b_eval_template"
-    out = tiny_model.generate(
-        **official_inputs(name, cases, cases_meta), max_new_tokens=5, num_beams=3, return_dict=True
-    )
+    # beams rank sums of log-probabilities, which no per-step margin check covers: with the oracle's gate logits
+    # (as in the greedy test) the logits carry float32 noise only, not a float16 gate rounding flip
+    with oracle_gate_logits(tiny_model, cases, [name]) as pinned:
+        out = tiny_model.generate(
+            **official_inputs(name, cases, cases_meta), max_new_tokens=5, num_beams=3, return_dict=True
+        )
+    assert pinned["calls"] == 2 * len(tiny_model.mixers)
     assert out.new_tokens == cases[f"{name}.beam3_new_tokens"].tolist()
 
 
