@@ -209,14 +209,16 @@ def test_local_rows_equal_single_calls_and_a_corrupt_image_is_one_error_row(tmp_
     assert list(rows[0])[:7] == ["id", "prompt", "answer", "verbalization", "token_counts", "timings", "error"]
 
 
-# `moai batch` whose third pipeline call never returns: the process is certain to be alive, with exactly two rows in
-# its journal, when the test kills it (no race between the journal check and the kill on a fast CPU).
+# `moai batch` (the default continuous runner: rows go through the engine, whose perception worker prepares each row
+# with `MoAIPipeline.prepare`) whose third row's preparation never returns: rows 1 and 2 finish and are journaled,
+# row 3 can never be admitted, so the process is certain to be alive with exactly two rows in its journal when the
+# test kills it (no race between the journal check and the kill on a fast CPU).
 HOLD_THIRD_CALL = """
 import sys, threading
 from pathlib import Path
 from moai_sdk.pipeline import MoAIPipeline
 
-calls, original = [], MoAIPipeline.__call__
+calls, original = [], MoAIPipeline.prepare
 
 def held(self, *args, **kwargs):
     calls.append(1)
@@ -225,7 +227,7 @@ def held(self, *args, **kwargs):
         threading.Event().wait()
     return original(self, *args, **kwargs)
 
-MoAIPipeline.__call__ = held
+MoAIPipeline.prepare = held
 from moai_sdk.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -10,7 +10,9 @@ The scan walks every ``raise`` in ``src/moai_sdk``. A raise passes when it
 * follows a Python protocol that requires a built-in type: ``AttributeError`` in ``__getattr__``, ``KeyError`` in
   ``__getitem__``, ``StopIteration`` in ``__next__``, ``ValueError`` / ``TypeError`` / ``AssertionError`` in a
   Pydantic validator (decorated with ``field_validator`` / ``model_validator`` or passed to ``PlainValidator`` ...;
-  Pydantic turns them into a ``ValidationError``), ``TypeError`` in a ``json.dump(s)`` ``default=`` hook;
+  Pydantic turns them into a ``ValidationError``), ``TypeError`` in a ``json.dump(s)`` ``default=`` hook,
+  ``argparse.ArgumentTypeError`` in a function given as ``type=`` to ``add_argument`` (argparse turns it into a
+  usage error naming the option);
 * constructs an exception class defined in the package for internal control flow that the package itself
   catches (an ``except`` clause or an exception handler names it), so it never reaches a caller.
 """
@@ -50,6 +52,7 @@ class _Package:
         self.caught: set[str] = set()
         self.validators: set[tuple[str, str]] = set()  # (module, function name)
         self.json_defaults: set[tuple[str, str]] = set()
+        self.arg_types: set[tuple[str, str]] = set()  # argparse ``type=`` functions
         for module, tree in trees.items():
             for node in ast.walk(tree):
                 if isinstance(node, ast.ClassDef):
@@ -68,6 +71,8 @@ class _Package:
                         self.validators.update((module, n) for n in map(_name, node.args) if n)
                     if called in ("dump", "dumps"):
                         self.json_defaults.update((module, _name(k.value)) for k in node.keywords if k.arg == "default")
+                    if called == "add_argument":
+                        self.arg_types.update((module, _name(k.value)) for k in node.keywords if k.arg == "type")
                     if called in ("add_exception_handler", "exception_handler") and node.args:
                         self.caught.add(_name(node.args[0]) or "")
 
@@ -113,6 +118,7 @@ def violations(pkg: _Package) -> tuple[list[str], int]:
                     or name in _PROTOCOL.get(fname, set())
                     or ((module, fname) in pkg.validators and name in _VALIDATOR_ERRORS)
                     or ((module, fname) in pkg.json_defaults and name == "TypeError")
+                    or ((module, fname) in pkg.arg_types and name == "ArgumentTypeError")
                     or pkg.is_internal(name)
                 )
                 if not ok:
@@ -158,6 +164,8 @@ def test_every_deliberate_raise_is_a_moai_error():
         ("class M:\n    @field_validator('a')\n    def v(cls, x):\n        raise ValueError('x')", []),
         ("def v(x):\n    raise ValueError('x')\nT = PlainValidator(v)", []),
         ("def d(x):\n    raise TypeError('x')\njson.dumps(1, default=d)", []),
+        ("def t(x):\n    raise ArgumentTypeError('x')\np.add_argument('--n', type=t)", []),
+        ("def t(x):\n    raise ArgumentTypeError('x')", ["m.py:2: ArgumentTypeError"]),
         ("class _Stop(Exception): pass\ndef f():\n    raise _Stop()\ntry:\n    f()\nexcept _Stop:\n    pass", []),
         ("class _Stop(Exception): pass\ndef f():\n    raise _Stop()", ["m.py:3: _Stop"]),
         ("def f():\n    def g():\n        raise ValueError('x')\n    raise ConfigError('y')", ["m.py:3: ValueError"]),

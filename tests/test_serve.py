@@ -368,10 +368,16 @@ def test_perceive_endpoint_returns_the_perception(served, pipe):
 
 def test_a_client_that_disconnects_is_dropped(served):
     before = _metric(served.metrics(), "moai_requests_total", endpoint="/v1/chat/completions", status="499")
-    client = served.client(timeout=0.3)
+    # The answer is forced to run its 400 tokens (a grammar of 2,000 "x" allows no EOS before then): at least 0.4 s
+    # even at 1 ms per token, while the client gives up after 0.1 s -- the disconnect is certain, not likely.
+    client = served.client(timeout=0.1)
     with pytest.raises(openai.APITimeoutError):
         client.chat.completions.create(
-            model=MODEL, messages=_messages("Talk for long.", _data_url(IMAGE)), max_tokens=400, temperature=0
+            model=MODEL,
+            messages=_messages("Talk for long.", _data_url(IMAGE)),
+            max_tokens=400,
+            temperature=0,
+            extra_body={"structured_outputs": {"regex": "x{2000}"}},
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from .kv_pool import KVPool
 from .requests import (
     EngineError,
     EngineRequest,
+    EngineTimeout,
     EngineTokenCallback,
     RequestCancelled,
     RequestHandle,
@@ -33,6 +34,7 @@ __all__ = [
     "Scheduler",
     "POLICIES",
     "EngineError",
+    "EngineTimeout",
     "EngineRequest",
     "EngineTokenCallback",
     "RequestCancelled",

@@ -55,6 +55,7 @@ from .perception import PerceptionWorker
 from .requests import (
     EngineError,
     EngineRequest,
+    EngineTimeout,
     EngineTokenCallback,
     RequestCancelled,
     RequestHandle,
@@ -180,7 +181,7 @@ class MoAIEngine:
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         if not self.ready.wait(timeout):
-            raise TimeoutError("the engine did not finish loading in time")
+            raise EngineTimeout("the engine did not finish loading in time")
         if self.load_error is not None:
             raise EngineError(f"the engine failed to load the pipeline: {self.load_error}") from self.load_error
 

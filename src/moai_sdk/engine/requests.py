@@ -44,6 +44,11 @@ class RequestCancelled(EngineError):
     """The request was cancelled (:meth:`RequestHandle.cancel`) before it finished."""
 
 
+class EngineTimeout(EngineError, TimeoutError):
+    """A wait on the engine ran out of time (``result(timeout=)``, ``stream(timeout=)``, loading). Also a
+    built-in ``TimeoutError``, so code written for ``concurrent.futures`` keeps catching it."""
+
+
 class RequestState(str, enum.Enum):
     WAITING = "waiting"
     PREPARED = "prepared"
@@ -123,13 +128,13 @@ class RequestHandle:
 
     def result(self, timeout: Optional[float] = None) -> Union[MoAIResult, list[MoAIResult]]:
         """Block until the answer is there: the :class:`MoAIResult` (a list of ``n`` with ``n > 1``). Raises the
-        request's error, :class:`RequestCancelled`, or ``TimeoutError`` after ``timeout`` seconds."""
+        request's error, :class:`RequestCancelled`, or :class:`EngineTimeout` (a ``TimeoutError``) after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         results = []
         for choice in self.choices:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not choice._done.wait(left):
-                raise TimeoutError(f"request {self.id} did not finish within {timeout}s")
+                raise EngineTimeout(f"request {self.id} did not finish within {timeout}s")
             if choice._error is not None:
                 raise choice._error
             results.append(choice._result)
@@ -144,7 +149,7 @@ class RequestHandle:
             try:
                 item = self._pieces.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"request {self.id}: no token within {timeout}s") from None
+                raise EngineTimeout(f"request {self.id}: no token within {timeout}s") from None
             if item is _DONE:
                 break
             yield item

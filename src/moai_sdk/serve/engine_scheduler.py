@@ -249,7 +249,7 @@ class EngineScheduler:
         except MoAIError as exc:
             for h in submitted:
                 h.cancel()
-            raise api_error(exc) from exc
+            raise APIError(400, str(exc), code=type(exc).__name__) from exc
 
     def _done(self, job: Job, handle: _Handles, constraints: list[Any], streamed: Optional[str] = None) -> None:
         with self._lock:

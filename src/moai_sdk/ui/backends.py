@@ -262,7 +262,7 @@ class ServerBackend:
         return ServerError(f"talking to the server at {self.base} failed: {type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _message(status: int, text: str) -> ServerError:
+    def _status_error(status: int, text: str) -> ServerError:
         try:
             message = json.loads(text)["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -275,7 +275,7 @@ class ServerBackend:
         except self._httpx.HTTPError as exc:
             raise self._error(exc) from exc
         if response.status_code != 200:
-            raise self._message(response.status_code, response.text)
+            raise self._status_error(response.status_code, response.text)
         return response
 
     def served_model(self) -> str:
@@ -285,7 +285,7 @@ class ServerBackend:
             except self._httpx.HTTPError as exc:
                 raise self._error(exc) from exc
             if response.status_code != 200:
-                raise self._message(response.status_code, response.text)
+                raise self._status_error(response.status_code, response.text)
             self.model = str(response.json()["data"][0]["id"])
         return self.model
 
@@ -320,7 +320,7 @@ class ServerBackend:
         try:
             with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
-                    raise self._message(response.status_code, response.read().decode("utf-8", "replace"))
+                    raise self._status_error(response.status_code, response.read().decode("utf-8", "replace"))
                 for line in response.iter_lines():
                     if not line.startswith("data:"):
                         continue
