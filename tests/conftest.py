@@ -128,6 +128,37 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", b"127.0.0.1", b"localhost")
+
+
+def allow_loopback_only(monkeypatch) -> None:
+    """Replace the suite's no-network guard by a loopback-only one, for modules whose servers listen on 127.0.0.1
+    (use it in an autouse fixture named ``no_network`` in that module): any other address still fails loudly."""
+    import socket
+
+    real_connect, real_create, real_getaddrinfo = socket.socket.connect, socket.create_connection, socket.getaddrinfo
+
+    def check(host) -> None:
+        if host not in LOOPBACK:
+            raise OSError(f"network access to {host!r} attempted during a test (only 127.0.0.1 is allowed)")
+
+    def connect(self, address):
+        check(address[0] if isinstance(address, tuple) else address)
+        return real_connect(self, address)
+
+    def create_connection(address, *args, **kwargs):
+        check(address[0])
+        return real_create(address, *args, **kwargs)
+
+    def getaddrinfo(host, *args, **kwargs):
+        check(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 def random_frames(n: int, seed: int = 0) -> list[torch.Tensor]:
     """``n`` random uint8 RGB frames of the experts' 490 x 490 size."""
     g = torch.Generator().manual_seed(seed)

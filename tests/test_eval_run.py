@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import allow_loopback_only
 from eval_fixtures import build_dataset_root
 from moai_sdk.batch.output import journal_path, read_rows
 from moai_sdk.cli import main
@@ -21,7 +21,6 @@ from moai_sdk.evaluation import BENCHMARKS, evaluate
 from moai_sdk.evaluation.runner import official_generation
 from moai_sdk.testing import tiny_pipeline
 
-LOOPBACK = ("127.0.0.1", "localhost", b"127.0.0.1", b"localhost")
 SHORT = {"max_new_tokens": 3}  # beam search stays on (3 beams); a short answer keeps the tiny run quick
 
 
@@ -29,27 +28,7 @@ SHORT = {"max_new_tokens": 3}  # beam search stays on (3 beams); a short answer 
 def no_network(monkeypatch):
     """Loopback only: replaces the suite's no-network guard (same name) for this module, because the judge's
     server listens on 127.0.0.1; any other address still fails loudly."""
-    real_connect, real_create, real_getaddrinfo = socket.socket.connect, socket.create_connection, socket.getaddrinfo
-
-    def check(host) -> None:
-        if host not in LOOPBACK:
-            raise OSError(f"network access to {host!r} attempted during a test (only 127.0.0.1 is allowed)")
-
-    def connect(self, address):
-        check(address[0] if isinstance(address, tuple) else address)
-        return real_connect(self, address)
-
-    def create_connection(address, *args, **kwargs):
-        check(address[0])
-        return real_create(address, *args, **kwargs)
-
-    def getaddrinfo(host, *args, **kwargs):
-        check(host)
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    allow_loopback_only(monkeypatch)
 
 
 @pytest.fixture(scope="module")

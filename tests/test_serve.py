@@ -19,7 +19,6 @@ import http.server
 import io
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import allow_loopback_only
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -39,7 +40,6 @@ from moai_sdk import PerceptionResult  # noqa: E402
 from moai_sdk.testing import demo_image, tiny_pipeline  # noqa: E402
 
 MODEL = "moai-tiny"
-LOOPBACK = ("127.0.0.1", "localhost", b"127.0.0.1", b"localhost")
 MAX_IMAGE_BYTES = 200_000
 STARTUP_S = 240
 
@@ -48,27 +48,7 @@ STARTUP_S = 240
 def no_network(monkeypatch):
     """Loopback only (overrides the suite's no-network guard): the servers under test listen on 127.0.0.1, any
     other address fails loudly."""
-    real_connect, real_create, real_getaddrinfo = socket.socket.connect, socket.create_connection, socket.getaddrinfo
-
-    def check(host) -> None:
-        if host not in LOOPBACK:
-            raise OSError(f"network access to {host!r} attempted during a test (only 127.0.0.1 is allowed)")
-
-    def connect(self, address):
-        check(address[0] if isinstance(address, tuple) else address)
-        return real_connect(self, address)
-
-    def create_connection(address, *args, **kwargs):
-        check(address[0])
-        return real_create(address, *args, **kwargs)
-
-    def getaddrinfo(host, *args, **kwargs):
-        check(host)
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    allow_loopback_only(monkeypatch)
 
 
 def _png(word: str, size: tuple[int, int] = (320, 240)) -> bytes:

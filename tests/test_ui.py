@@ -26,6 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import allow_loopback_only
 from moai_sdk.errors import InputError
 from moai_sdk.explain import ALL_EXPERTS
 from moai_sdk.results import TASKS
@@ -45,7 +46,6 @@ browser_only = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason=f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install -y chromium) to run the browser tests",
 )
-LOOPBACK = ("127.0.0.1", "localhost", b"127.0.0.1", b"localhost")
 STARTUP_S = 240
 MAX_NEW_TOKENS = 8
 MAX_IMAGE_BYTES = 400_000
@@ -61,27 +61,7 @@ BUSY = ".wrap.default:not(.hide), .wrap.center:not(.hide), .wrap.generating"
 def no_network(monkeypatch):
     """Loopback only (overrides the suite's no-network guard): the playground and the server listen on
     127.0.0.1; any other address fails loudly."""
-    real_connect, real_create, real_getaddrinfo = socket.socket.connect, socket.create_connection, socket.getaddrinfo
-
-    def check(host) -> None:
-        if host not in LOOPBACK:
-            raise OSError(f"network access to {host!r} attempted during a test (only 127.0.0.1 is allowed)")
-
-    def connect(self, address):
-        check(address[0] if isinstance(address, tuple) else address)
-        return real_connect(self, address)
-
-    def create_connection(address, *args, **kwargs):
-        check(address[0])
-        return real_create(address, *args, **kwargs)
-
-    def getaddrinfo(host, *args, **kwargs):
-        check(host)
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    allow_loopback_only(monkeypatch)
 
 
 def _free_port() -> int:
