@@ -97,15 +97,7 @@ class EngineScheduler:
         try:
             t0 = time.perf_counter()
             self.engine.start(wait=True)
-            model = self.pipe.model
-            structure = model.config.structure
-            self.info = ModelInfo(
-                name=self.served_name,
-                image_tokens=int(self.pipe.processor.num_image_tokens),
-                aux_tokens=int(structure.compressor_latents),
-                max_context=int(model.config.context_window),
-                eos_token_id=int(model.config.eos_token_id),
-            )
+            self.info = ModelInfo.of(self.pipe, self.served_name)
             logger.info("model %s loaded in %.1fs; serving", self.pipe.model_id, time.perf_counter() - t0)
         except BaseException as exc:
             logger.exception("loading the pipeline failed")

@@ -182,6 +182,18 @@ class ModelInfo:
     max_context: int
     eos_token_id: int
 
+    @classmethod
+    def of(cls, pipe: MoAIPipeline, name: str) -> ModelInfo:
+        """The facts of ``pipe``'s loaded model, served as ``name``."""
+        model = pipe.model
+        return cls(
+            name=name,
+            image_tokens=int(pipe.processor.num_image_tokens),
+            aux_tokens=int(model.config.structure.compressor_latents),
+            max_context=int(model.config.context_window),
+            eos_token_id=int(model.config.eos_token_id),
+        )
+
 
 class BatchScheduler:
     """Owns ``pipe``: loads it on its thread, then runs queued jobs in dynamic batches (module docstring)."""
@@ -241,15 +253,7 @@ class BatchScheduler:
         try:
             t0 = time.perf_counter()
             self.pipe.load()
-            model = self.pipe.model
-            structure = model.config.structure
-            self.info = ModelInfo(
-                name=self.served_name,
-                image_tokens=int(self.pipe.processor.num_image_tokens),
-                aux_tokens=int(structure.compressor_latents),
-                max_context=int(model.config.context_window),
-                eos_token_id=int(model.config.eos_token_id),
-            )
+            self.info = ModelInfo.of(self.pipe, self.served_name)
             logger.info("model %s loaded in %.1fs; serving", self.pipe.model_id, time.perf_counter() - t0)
         except BaseException as exc:  # reported by /health and every request; the thread ends
             logger.exception("loading the pipeline failed")
