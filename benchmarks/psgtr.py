@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
+    p.add_argument(
+        "--scale",
+        type=int,
+        nargs=2,
+        metavar=("LONG", "SHORT"),
+        default=list(PSGTRConfig.scale),
+        help="resize limits of the network input (default 1333 800, the expert's; smaller for a quick smoke run)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -94,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with np.load(GOLDEN_IMAGE) as data:
         image = data["image"]
+    weights = synthetic_state_dict()  # the same weights in both settings
     nets = {}
     for name, chunk in SETTINGS.items():
-        config = PSGTRConfig(mask_head_chunk=chunk)
+        config = PSGTRConfig(mask_head_chunk=chunk, scale=tuple(args.scale))
         net = PSGTR(config)
-        load_into(net, synthetic_state_dict())
+        load_into(net, weights)
         nets[name] = (net.to(device, dtype).eval(), config)
 
     samples: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in SETTINGS}
@@ -119,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = f"{'stage (ms)':<14}" + "".join(f"{name:>26}" for name in SETTINGS)
     lines = [
-        f"PSGTR R-50, one {image.shape[1]}x{image.shape[0]} image, {device} {args.dtype}, "
+        f"PSGTR R-50, one {image.shape[1]}x{image.shape[0]} image (resized to fit {args.scale[0]}x{args.scale[1]}), "
+        f"{device} {args.dtype}, "
         f"{torch.get_num_threads()} thread(s), {args.repeats} repeats",
         header,
     ]
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": str(device),
                     "dtype": args.dtype,
                     "threads": torch.get_num_threads(),
+                    "scale": list(args.scale),
                     "samples_s": samples,
                     "peak_bytes": peaks,
                     "agree": agree,
