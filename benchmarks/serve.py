@@ -65,7 +65,8 @@ def image_urls(n: int) -> list[str]:
 
 
 class ServerProcess:
-    """``moai serve --tiny DIR`` in a subprocess (log in ``log``)."""
+    """``moai serve --tiny DIR`` in a subprocess (log in ``log``); ready when constructed, or after
+    :meth:`wait_ready` with ``wait=False`` (to start something else while the server loads)."""
 
     def __init__(
         self,
@@ -75,9 +76,11 @@ class ServerProcess:
         threads: Optional[int] = None,
         startup_s: float = 600.0,
         env: Optional[dict[str, str]] = None,
+        wait: bool = True,
     ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.startup_s = startup_s
         cmd = [sys.executable, "-m", "moai_sdk.cli", "serve", "--tiny", str(tiny), "--port", str(self.port)]
         cmd += ["--log-level", "warning", *flags]
         self._log = open(log, "wb")  # closed in stop()
@@ -86,18 +89,23 @@ class ServerProcess:
         if threads:  # torch's intra-op threads (OpenMP) in the server
             environment["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
-        deadline = time.monotonic() + startup_s
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Return once ``/health`` answers 200; raise (and stop the server) if it exits or is not ready in time."""
+        deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moai serve exited ({self.proc.returncode}); see {log}")
+                raise RuntimeError(f"moai serve exited ({self.proc.returncode}); see {self.log_path}")
             try:
                 if httpx.get(self.base + "/health", timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass  # not listening yet
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"moai serve was not ready within {startup_s:.0f}s; see {log}")
+        raise RuntimeError(f"moai serve was not ready within {self.startup_s:.0f}s; see {self.log_path}")
 
     def metrics(self) -> str:
         return httpx.get(self.base + "/metrics", timeout=30).text

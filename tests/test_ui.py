@@ -91,7 +91,7 @@ class UIProcess:
                     return
             except httpx.TransportError:
                 pass  # not listening yet
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         pytest.fail(f"moai ui was not ready within {STARTUP_S}s:\n{log.read_text()[-4000:]}")
 
@@ -390,15 +390,18 @@ def test_errors_are_messages_and_the_page_stays_usable(page, pipe, pictures):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the playground in process is tested above; this adds a second server process
 @browser_only
 def test_server_mode_answers_through_moai_serve_and_says_when_it_is_down(browser, pipe, tiny_dir, pictures, tmp_path):
     from benchmarks.serve import ServerProcess
 
-    served = ServerProcess(tiny_dir, tmp_path / "serve.log", ["--max-batch-size", "1"], startup_s=STARTUP_S)
+    # both processes load at once (the playground does not ask the server anything until a question is asked)
+    served = ServerProcess(tiny_dir, tmp_path / "serve.log", ["--max-batch-size", "1"], startup_s=STARTUP_S, wait=False)
     front = None
     tab = None
     try:
         front = UIProcess(tmp_path / "ui.log", "--server", served.base, "--max-new-tokens", str(MAX_NEW_TOKENS))
+        served.wait_ready()
         tab = Page(browser, front.url)
         assert tab.page.locator("#ablate").is_disabled()  # the server has no ablation endpoint
         expected = pipe(str(pictures["good"]), PROMPT, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
