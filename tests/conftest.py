@@ -163,3 +163,45 @@ def random_frames(n: int, seed: int = 0) -> list[torch.Tensor]:
     """``n`` random uint8 RGB frames of the experts' 490 x 490 size."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (3, 490, 490), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The slow set. `python -m pytest -q` (the README's command) runs every test but those marked `slow` -- the local Ray
+# cluster, lmms-eval's own CLI, the eleven benchmarks end to end, the kill-and-resume runs, the playground over a
+# second server process -- each of whose capabilities a faster test also exercises; `.ci/run` runs the slow set
+# right after it (`python -m pytest -q -m slow`). Slow tests run whenever they are asked for: `--slow` (everything),
+# any `-m` expression, or test files / node ids named on the command line.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_SLOW_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow", action="store_true", help="also run the tests marked slow (the README command skips them)"
+    )
+
+
+def _slow_tests_asked_for(config) -> bool:
+    named = config.args_source == pytest.Config.ArgsSource.ARGS  # files or node ids given explicitly
+    return bool(config.getoption("--slow") or config.getoption("markexpr") or named)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _slow_tests_asked_for(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+        config.hook.pytest_deselected(items=slow)
+        config.stash[_SLOW_LEFT_OUT] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left_out = config.stash.get(_SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(
+            f"{left_out} slow tests not run: `python -m pytest -q -m slow` runs them (CI runs both), "
+            "`--slow` runs everything"
+        )

@@ -233,6 +233,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow  # a subprocess run killed mid-way; the journal and resume logic are tested in process above
 def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, tiny_root, pipe):
     ids = write_images(tmp_path / "in", 5)
     experts = json.dumps(light_experts(tiny_root))

@@ -32,6 +32,7 @@ def test_concurrent_calls_equal_serial_calls(pipe):
     assert concurrent == serial * 2
 
 
+@pytest.mark.slow  # 48 pipeline calls
 def test_many_calls_on_different_images_keep_memory_bounded(pipe):
     process = psutil.Process()
     rng = np.random.default_rng(0)
