@@ -59,6 +59,7 @@ def smoke(tmp_path_factory):
     return bench.main(argv), json.loads((out / "tiny.json").read_text())
 
 
+@pytest.mark.numerics
 def test_tiny_benchmark_writes_results_and_modes_agree(smoke, capsys):
     status, report = smoke
     assert status == 0
@@ -125,6 +126,7 @@ def test_targets_are_evaluated_from_the_ratios():
     assert [c["target"] for c in bench.evaluate_targets(llm_only)] == ["7b nf4 batch 1: decode >= 30 tokens/s"]
 
 
+@pytest.mark.numerics
 def test_sdpa_paths_compute_the_eager_reference():
     from moai_sdk.modeling.internlm2 import build_attention_bias, eager_attention, sdpa_attention
 
@@ -150,6 +152,7 @@ def test_sdpa_paths_compute_the_eager_reference():
     )
 
 
+@pytest.mark.numerics
 def test_lagged_end_check_gives_the_same_generation(tiny_model, cases, cases_meta, monkeypatch):
     """The CUDA control flow (finished flag read one step late) run on CPU: same tokens, same sequences."""
     from moai_sdk.modeling import generation

@@ -77,6 +77,7 @@ def _wait_steps(engine: MoAIEngine, steps: int, timeout: float = 30.0) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.numerics
 def test_greedy_rows_equal_single_runs_with_logprobs(pipe, image, engine):
     """Four greedy rows of different prompt and answer lengths decode together; tokens equal, and the chosen
     tokens' float32 log-probabilities equal the single run's (from ``generate``'s step logits)."""

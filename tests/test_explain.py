@@ -74,6 +74,7 @@ def _forward_with_gate_logits(model, inputs) -> tuple[object, dict[str, torch.Te
     return out, captured
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_gate_weights_are_the_softmax_of_the_official_gate_logits(tiny_model, cases, cases_meta, name):
     out, captured = _forward_with_gate_logits(tiny_model, official_inputs(name, cases, cases_meta))
@@ -92,6 +93,7 @@ def test_gate_weights_are_the_softmax_of_the_official_gate_logits(tiny_model, ca
     assert torch.allclose(g.image.float().sum(-1), torch.ones(1, 1225), atol=2e-3)
 
 
+@pytest.mark.numerics
 def test_reference_mixer_records_the_same_gates(tiny_model, cases, cases_meta):
     inputs = official_inputs("b_eval_template", cases, cases_meta)
     with torch.no_grad():
@@ -106,6 +108,7 @@ def test_reference_mixer_records_the_same_gates(tiny_model, cases, cases_meta):
     assert torch.equal(ref.language_mask, fast.language_mask)
 
 
+@pytest.mark.numerics
 def test_output_gates_changes_nothing_else(tiny_model, cases, cases_meta):
     inputs = official_inputs("b_eval_template", cases, cases_meta)
     with torch.no_grad():
@@ -116,6 +119,7 @@ def test_output_gates_changes_nothing_else(tiny_model, cases, cases_meta):
     assert torch.equal(plain.compressed_aux, recorded.compressed_aux)
 
 
+@pytest.mark.numerics
 def test_generate_returns_the_prefill_gates_and_the_official_tokens(tiny_model, cases, cases_meta):
     name = "c_raw640x480_empty"
     inputs = official_inputs(name, cases, cases_meta)
@@ -171,6 +175,7 @@ def _case_inputs(processor, metas: list[dict]):
     return processor(images, prompts, auxes, maps, template=templates)
 
 
+@pytest.mark.numerics
 def test_gates_of_a_batch_equal_the_single_runs(tiny_model, processor, cases_meta):
     metas = [cases_meta[n] for n in ("a_demo_full", "b_eval_template")]  # prompts of different lengths
     batch = _case_inputs(processor, metas)
@@ -337,6 +342,7 @@ def _lacking(full: PerceptionResult, task: str) -> PerceptionResult:
     return PerceptionResult(**fields)
 
 
+@pytest.mark.numerics
 def test_return_gates_fills_a_json_result(oracle_pipe, case_a, cases):
     image, prompt, perception = case_a
     result = oracle_pipe(image, prompt, perception=perception, return_gates="tokens", **GREEDY)
@@ -354,6 +360,7 @@ def test_return_gates_fills_a_json_result(oracle_pipe, case_a, cases):
     assert result.plot_gates().width > 300
 
 
+@pytest.mark.numerics
 def test_ablation_rows_equal_single_calls_without_the_expert(oracle_pipe, case_a, cases_meta):
     image, prompt, perception = case_a
     table = oracle_pipe.ablate(

@@ -57,6 +57,7 @@ def _step_logits(pipe, image, prompt, **options):
     return out.step_logits, out.new_tokens[0]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("k", [0, 3, 20])
 def test_logprobs_are_the_raw_distribution_with_top_k(pipe, image, k):
     options = dict(max_new_tokens=6, do_sample=True, seed=3, temperature=0.7, repetition_penalty=1.3)
@@ -125,6 +126,7 @@ def test_constrained_and_free_rows_share_a_batch(pipe, image):
     assert mixed.new_tokens[1] == free.new_tokens[1]  # the free row decodes as without the other row's grammar
 
 
+@pytest.mark.numerics
 def test_n_choices_reproduce_single_seeded_calls_from_one_prefill(pipe, image, monkeypatch):
     options = dict(do_sample=True, seed=11, max_new_tokens=8, temperature=1.2)
     model = pipe.model

@@ -101,6 +101,7 @@ def _dequantized_model(tiny_model, weights):
 LINEAR_BOUND = {"nf4": 2**-7, "nf4-lora": 2**-7, "official": 2**-7, "int8": 2 / 127}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["nf4", "nf4-lora", "int8", "official"])
 def test_each_quantized_linear_multiplies_by_its_dequantized_weight(quantized_and_dequantized, mode):
     model, weights = quantized_and_dequantized[mode]
@@ -122,6 +123,7 @@ def test_each_quantized_linear_multiplies_by_its_dequantized_weight(quantized_an
 MODEL_BOUND = {"nf4": 0.25, "nf4-lora": 0.25, "official": 0.25, "int8": 0.6}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["nf4", "nf4-lora", "int8", "official"])
 def test_quantized_models_generate(quantized_and_dequantized, tiny_model, cases, cases_meta, mode):
     model, weights = quantized_and_dequantized[mode]

@@ -75,6 +75,7 @@ def _reference(pipe, inputs, encoded, row, ids):
     return lps, greedy
 
 
+@pytest.mark.numerics
 def test_score_agrees_with_the_generation_forward_passes(pipe):
     prompts = ["What is in the image?", "Describe the colours, please."]
     conts = [["yes", "a red square and a blue disc"], ["red", ""]]
@@ -95,6 +96,7 @@ def test_score_agrees_with_the_generation_forward_passes(pipe):
     assert empty.token_ids == [] and empty.logprob == 0.0 and empty.is_greedy
 
 
+@pytest.mark.numerics
 def test_greedy_answer_is_greedy_and_scores_its_generation_logits(pipe):
     inputs = _inputs(pipe, ["What is written here?"])
     model = pipe.model
