@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, decided_argmax, official_inputs
+from conftest import TINY, assert_greedy_rows_agree, decided_argmax, official_inputs
 from moai_sdk import GenerationError
 from moai_sdk.modeling import GenerationSettings
 from oracle_gates import UNPINNED_TOL
@@ -133,9 +133,11 @@ def test_fixed_shape_steps_equal_growing_mask_steps(tiny_model, processor_batch,
     kw = dict(max_new_tokens=10, eos_token_id=[], return_dict=True, output_logits=True)
     plain = tiny_model.generate(**processor_batch, **kw)
     fixed = tiny_model.generate(**processor_batch, cuda_graphs=True, **kw)
-    assert fixed.new_tokens == plain.new_tokens
-    for a, b in zip(fixed.step_logits, plain.step_logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the two paths attend over differently shaped (masked) keys: float32 noise apart, bounded elementwise; tokens
+    # compared wherever that noise cannot reorder the top two (conftest.assert_greedy_rows_agree)
+    assert_greedy_rows_agree(fixed.new_tokens, plain.new_tokens, plain.step_logits, fixed.step_logits, 1e-5, 1e-5)
+    # seeded sampling draws the same uniforms in both: a token changes only if one lands within ~1e-5 of a
+    # boundary of the cumulative distribution (odds about 1e-5 per step)
     sample = dict(max_new_tokens=10, do_sample=True, temperature=1.3, seed=5, eos_token_id=[], return_dict=True)
     assert (
         tiny_model.generate(**processor_batch, cuda_graphs=True, **sample).new_tokens
