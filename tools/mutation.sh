@@ -22,8 +22,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="${MUTATION_EXTRA_PATH:-}"
 export HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 MPLBACKEND=Agg HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 # mutmut forks a test process per mutant from a parent that has run torch: with torch's OpenMP pool started, the
-# forked children hang (every mutant of processing.py timed out); one thread each avoids it.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+# forked children hang in their first parallel region (every mutant of processing.py timed out); one thread each
+# avoids it (MOAI_TEST_THREADS: tests/conftest.py otherwise sets torch to 2 threads, over OMP_NUM_THREADS).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}" MOAI_TEST_THREADS=1
 tests="${MUTATION_TESTS:-$tests}"
 keyword="$(echo "$tests" | sed 's/ \+/ or /g')"
 export PYTEST_ADDOPTS="-k '$keyword'"
