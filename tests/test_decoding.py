@@ -35,6 +35,22 @@ from moai_sdk.modeling.decoding import (
 # softmax / log_softmax / cumsum results: rerun under every ATEN_CPU_CAPABILITY by .ci/run
 pytestmark = pytest.mark.numerics
 
+# Mutation survivors (tools/mutation.sh decoding) judged equivalent, so left without a test:
+# * ``dim=-1`` -> ``+1`` or dropped (sort, topk, gather, softmax, cumsum, scatter, argmax, log_softmax,
+#   ``shape[-1]``; ``squeeze(-1)`` of [B, 1]) and ``descending=False`` dropped: the core takes [B, V] logits only;
+# * ``float("-INF")`` is ``float("-inf")``;
+# * ``logits >= 0`` in the repetition penalty: 0 / p == 0 * p;
+# * top-k: ``clamp(None, vocab)`` (top_k >= 0 is validated) and ``(k >= 0).any()`` (a sort whose kth is then
+#   replaced by -inf for k = 0 rows: nothing is masked);
+# * top-p ``top_p <= 1.0`` / ``< 2.0`` (scalar or per row): a top_p of 1 cuts at cumulative probability <= 0,
+#   i.e. only tokens whose probability is already 0;
+# * per_row ``dtype=None`` for the float / long columns and the top_p cut: torch.tensor of Python floats is
+#   float32 and of ints int64 by default (the same single rounding from double);
+# * row_logprobs ``top_n >= 0`` / always topk / ``[:, :1]`` for top_n == 0: topk(0) is empty and ``[:n]`` trims;
+# * seen_from_prompt ``vocab + 2`` / ``<= vocab``: ids equal to vocab land in the spare column, sliced away;
+# * device arguments dropped in _constraint_mask and row_logprobs: only observable with logits on an accelerator
+#   (meta tensors cannot stand in: ``bool(mask.any())`` / ``.tolist()`` need data).
+
 INF = float("inf")
 
 
@@ -103,12 +119,12 @@ def test_hit_stop_string_decodes_the_tokens_once() -> None:
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
-    logits = torch.tensor([[4.0, -4.0, 2.0, -1.0, 0.0], [4.0, -4.0, 2.0, -1.0, 0.0]])
-    seen = torch.tensor([[True, True, False, False, True], [False, True, True, False, False]])
+    logits = torch.tensor([[4.0, -4.0, 2.0, -1.0, 0.0, 0.5], [4.0, -4.0, 2.0, -1.0, 0.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False, True, True], [False, True, True, False, False, False]])
     out = apply_repetition_penalty(logits, seen, 2.0)  # powers of two: exact
-    assert out.tolist() == [[2.0, -8.0, 2.0, -1.0, 0.0], [4.0, -8.0, 1.0, -1.0, 0.0]]
+    assert out.tolist() == [[2.0, -8.0, 2.0, -1.0, 0.0, 0.25], [4.0, -8.0, 1.0, -1.0, 0.0, 0.5]]
     per_row = apply_repetition_penalty(logits, seen, torch.tensor([[2.0], [1.0]]))
-    assert per_row.tolist() == [[2.0, -8.0, 2.0, -1.0, 0.0], logits[1].tolist()]
+    assert per_row.tolist() == [[2.0, -8.0, 2.0, -1.0, 0.0, 0.25], logits[1].tolist()]
     assert apply_repetition_penalty(logits, seen, 1.0).tolist() == logits.tolist()
     # a logit of exactly 0 stays 0 either way (0 / p == 0 * p), so `> 0` vs `>= 0` is not observable
 
@@ -240,8 +256,10 @@ def test_per_row_params_are_numbers_when_rows_agree_and_columns_when_they_differ
     # 1 - top_p in double, rounded once to float32 (as the scalar path compares it)
     assert mixed.top_p_cut.dtype == torch.float32
     assert mixed.top_p_cut.tolist() == torch.tensor([[0.0], [1 - 0.9], [1 - 0.6]], dtype=torch.float32).tolist()
-    with pytest.raises(GenerationError, match="at least one row"):
+    with pytest.raises(GenerationError, match="^a decoding step needs at least one row$"):
         SamplingParams.per_row([], "cpu")
+    single = SamplingParams.per_row([rows[1]], "cpu")  # one row: its own numbers
+    assert (single.do_sample, single.temperature, single.top_k, single.top_p) == (True, 0.5, 3, 0.9)
     # the columns live on the logits' device (meta stands in for an accelerator)
     on_meta = SamplingParams.per_row(rows, "meta")
     columns = [on_meta.do_sample, on_meta.temperature, on_meta.top_k, on_meta.top_p, on_meta.repetition_penalty]
@@ -299,7 +317,7 @@ def test_constraint_masks_disallowed_tokens() -> None:
     [
         (torch.tensor([1, 0, 1]), "bool tensor of shape \\[3\\]"),
         (torch.tensor([True, False]), "bool tensor of shape \\[3\\]"),
-        (torch.zeros(3, dtype=torch.bool), "allows no token at all"),
+        (torch.zeros(3, dtype=torch.bool), "^the row's TokenConstraint allows no token at all$"),
     ],
 )
 def test_bad_constraint_masks_are_generation_errors(mask, message) -> None:
@@ -373,6 +391,8 @@ def test_seen_from_prompt_leaves_out_padding_and_out_of_vocabulary_ids() -> None
     # token 0 seen before a left-out position (here <image>) stays seen
     zero = seen_from_prompt(torch.tensor([[1, 0, 1000, 5]]), torch.ones(1, 4, dtype=torch.long), vocab=10)
     assert zero[0].nonzero().squeeze(1).tolist() == [0, 1, 5] and zero.is_contiguous()
+    # built on the prompt's device (meta stands in for an accelerator)
+    assert seen_from_prompt(ids.to("meta"), mask.to("meta"), vocab=10).device.type == "meta"
 
 
 # ------------------------------------------------------------------------------------------ log-probabilities
@@ -429,7 +449,9 @@ def test_stop_criteria() -> None:
     assert strings.check([1, 3]) == "stop"
     assert strings.check([2] * 10) == "length"
     assert StopCriteria([], 3, stop=(), decode=None).check([1, 1]) is None
-    with pytest.raises(GenerationError, match="decode function"):
+    with pytest.raises(
+        GenerationError, match=r"^stop strings need a decode function \(pass decode=tokenizer.decode\)$"
+    ):
         StopCriteria([2], 4, stop=["x"])
 
 
