@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, settings
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "moai-tiny"
 
-# Keep the numerics of the oracle (2 threads, fp32 on CPU) and keep tests off the network.
-torch.set_num_threads(2)
+# Keep the numerics of the oracle (2 threads, fp32 on CPU) and keep tests off the network. tools/mutation.sh sets
+# MOAI_TEST_THREADS=1: mutmut forks a child per mutant from a process whose OpenMP team already has 2 threads, and
+# the child's first parallel region then waits forever at the team barrier for threads the fork did not copy.
+torch.set_num_threads(int(os.environ.get("MOAI_TEST_THREADS", "2")))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Property-based tests (tests/test_hardening_*.py): a fixed, bounded profile -- the same examples on every run

@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 
 from moai_sdk.errors import ConfigError, InputError
 from moai_sdk.imageops import prepare_image
-from moai_sdk.processing import CLIP_MEAN, CLIP_STD, MoAIInputs, MoAIProcessor, merged_image_masks, normalize_pixels
+from moai_sdk.processing import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EMPTY_VERBALIZATION,
+    MoAIInputs,
+    MoAIProcessor,
+    merged_image_masks,
+    normalize_pixels,
+)
 from moai_sdk.prompts import SYSTEM_PROMPT, TEMPLATES, build_prompt
 from moai_sdk.tokenization import MoAITokenizer
 
@@ -351,6 +359,17 @@ def test_inputs_mapping_and_to(outputs: dict) -> None:
     assert out.pixel_values.dtype == torch.float32  # the original is untouched
     with pytest.raises(KeyError):
         out["texts"]
+    # the mapping views agree with each other and hold the tensors themselves (no copies), in field order
+    assert list(out) == list(out.keys()) and len(out) == 8
+    assert "input_ids" in out and "texts" not in out and "image_token_index" not in out
+    assert [k for k, _ in out.items()] == list(out.keys())
+    assert all(v is getattr(out, k) for k, v in out.items())
+    assert all(v is getattr(out, k) for k, v in zip(out.keys(), out.values(), strict=True))
+    as_dict = out.to_dict()
+    assert type(as_dict) is dict and list(as_dict) == list(out.keys())
+    assert all(as_dict[k] is getattr(out, k) for k in out.keys())
+    shapes = ", ".join(f"{k}={tuple(getattr(out, k).shape)}" for k in out.keys())
+    assert repr(out) == f"MoAIInputs({shapes}, image_token_index=1000)"
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -440,6 +459,15 @@ def test_check_context_refuses_one_position_past_the_window(proc: MoAIProcessor)
     with pytest.raises(InputError, match="needs"):  # the longest row counts, not the first
         proc.check_context(prompts[::-1], "chat", 11, config)
     proc.check_context([], "chat", window - proc.num_image_tokens, config)  # no prompt: nothing but the image
+    # raw (allow_special_tokens) counts "</s>" as one control token; by default it is text of several tokens
+    special = ["x </s> y"]
+    raw = proc.prompt_lengths(special, "chat", raw=True)[0]
+    assert raw < proc.prompt_lengths(special, "chat")[0]
+    edge = raw + proc.num_image_tokens + 1
+    tight = SimpleNamespace(context_window=edge, max_position_embeddings=edge, rope_scaling=None)
+    proc.check_context(special, "chat", 1, tight, raw=True)
+    with pytest.raises(InputError, match="needs"):
+        proc.check_context(special, "chat", 1, tight)
 
 
 def test_decode_skips_special_tokens_by_default(proc: MoAIProcessor) -> None:
@@ -449,3 +477,181 @@ def test_decode_skips_special_tokens_by_default(proc: MoAIProcessor) -> None:
     assert proc.decode(ids, skip_special_tokens=False) != "hello world"  # BOS written out
     assert proc.batch_decode([ids, ids[:2]]) == ["hello world", proc.decode(ids[:2])]
     assert proc.batch_decode([ids], skip_special_tokens=False) == [proc.decode(ids, skip_special_tokens=False)]
+
+
+def test_decode_forwards_tokenizer_keywords(proc: MoAIProcessor) -> None:
+    # keep_chat_markers is a MoAITokenizer keyword the processor passes through (**kwargs)
+    marker = next(iter(proc.tokenizer.chat_marker_ids))
+    ids = proc.tokenizer.encode("hello") + [marker]
+    kept = proc.tokenizer.decode(ids, keep_chat_markers=True)
+    assert kept != proc.tokenizer.decode(ids)  # the marker is written out only on request
+    assert proc.decode(ids, keep_chat_markers=True) == kept
+    assert proc.batch_decode([ids], keep_chat_markers=True) == [kept]
+
+
+# ------------------------------------------------------------------------------------------------ edges found by
+# mutation testing (tools/mutation.sh processing). Survivors judged equivalent, so left without a test:
+# * MoAIInputs.to: ``non_blocking`` default / forwarding -- only pinned-memory copies to an accelerator can differ;
+# * normalize_pixels: ``view(-1, 1, 1)`` for ``view(1, -1, 1, 1)`` broadcasts to the same [B, 3, H, W] result;
+# * merged_image_masks: the left-padding test ``any(valid[:n_pad]) or not all(valid[n_pad:])`` -- the first part
+#   implies the second (n_pad = width - ones), so ``and`` / dropping the first part decide the same;
+# * panoptic_map_array: ``np.zeros(..., dtype=None)`` / ``astype(None)`` are float64 too;
+# * prompt_lengths / __call__: ``zip(..., strict=...)`` -- per_row already made the lists the same length;
+#   ``allow_none=None`` for the prompts and templates is as falsy as False;
+# * from_pretrained: ``resolve_model_file(..., required=None)`` is as falsy as False.
+
+
+def test_inputs_and_normalisation_follow_the_device() -> None:
+    # the meta device stands in for an accelerator: no data, but a tensor built on the wrong device fails
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta")
+    out = normalize_pixels(images)
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
+    with pytest.raises(InputError, match=r"expected images of shape \[B, 3, H, W\]; got \(1, 4, 2, 2\)"):
+        normalize_pixels(torch.zeros(1, 4, 2, 2, dtype=torch.uint8))
+
+
+def test_inputs_move_to_another_device(outputs: dict) -> None:
+    moved = outputs["a_demo_full"].to("meta")
+    assert {t.device.type for t in moved.values()} == {"meta"} and moved.device.type == "meta"
+    with pytest.raises(KeyError, match="texts"):  # the KeyError names the key
+        moved["texts"]
+
+
+def test_merged_image_masks_edges() -> None:
+    # <image> right after the padding is valid; inside the padding it is not
+    im, lang = merged_image_masks(torch.tensor([[2, 1000, 6]]), torch.tensor([[0, 1, 1]]), 1000, 2)
+    assert im.tolist() == [[False, True, True, False]] and lang.tolist() == [[False, False, False, True]]
+    with pytest.raises(InputError, match="row 0: the image token sits inside the padding"):
+        merged_image_masks(torch.tensor([[1000, 5, 6]]), torch.tensor([[0, 1, 1]]), 1000, 2)
+    with pytest.raises(InputError, match=r"input_ids \(1, 4\) and attention_mask \(1, 3\) must both be \[B, T\]"):
+        merged_image_masks(torch.tensor([[1, 1000, 5, 6]]), torch.ones(1, 3, dtype=torch.long), 1000, 2)
+
+
+def test_settings_are_validated_with_messages_naming_the_value() -> None:
+    tok = MoAITokenizer.from_pretrained(FIXTURE)
+    bad = [
+        (dict(image_size="490"), "image_size must be a positive int; got '490'"),
+        (dict(image_size=0), "image_size must be a positive int; got 0"),
+        (dict(patch_size=14.0), "multiple of patch_size 14.0"),
+        (dict(patch_size=0), "multiple of patch_size 0"),
+        (dict(img_length=0), "img_length must be a positive int; got 0"),
+        (dict(img_length=2.5), "img_length must be a positive int; got 2.5"),
+        (dict(image_mean=(0.5, 0.5)), r"3 values each, std > 0; got \(0.5, 0.5\)"),
+        (dict(image_std=(0.5, 0.5)), "3 values each"),
+        (dict(image_std=(0.5, 0.0, 0.5)), "3 values each"),
+        (dict(normalize_dtype="int8"), "unsupported normalize_dtype 'int8'"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            MoAIProcessor(tok, **kwargs)
+    with pytest.raises(ConfigError, match="tokenizer must be a MoAITokenizer; got str"):
+        MoAIProcessor("tokenizer")  # type: ignore[arg-type]
+    one = MoAIProcessor(tok, image_size=1, patch_size=1, img_length=1)  # the smallest positive values are valid
+    assert (one.image_size, one.patch_size, one.num_image_tokens) == (1, 1, 1)
+    assert MoAIProcessor(tok, image_size=2, patch_size=1).num_image_tokens == 4
+
+
+def test_from_pretrained_reads_each_structure_key_and_the_hub_options(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "local"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "tokenizer.model", folder / "tokenizer.model")
+    with caplog.at_level("INFO", logger="moai_sdk.processing"):
+        MoAIProcessor.from_pretrained(folder)
+    assert [r.getMessage() for r in caplog.records if r.name == "moai_sdk.processing"] == [
+        "no config.json next to the tokenizer; using the MoAI-7B image settings"
+    ]
+    for structure, expected in (
+        ({"image_size": 28, "patch_size": 7}, (7, 16)),
+        ({"image_size": 28, "img_length": 9}, (14, 9)),
+    ):
+        (folder / "config.json").write_text(json.dumps({"moai_structure": structure}))
+        p = MoAIProcessor.from_pretrained(folder)
+        assert (p.patch_size, p.num_image_tokens) == expected
+    (folder / "config.json").write_text(json.dumps({"moai_structure": [28]}))
+    with pytest.raises(ConfigError, match=r"'moai_structure' in '.*config.json' must be an object"):
+        MoAIProcessor.from_pretrained(folder)
+
+    # a Hub repo from a cache folder: the tokenizer and config.json both come through the hub options
+    repo = tmp_path / "cache" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    shutil.copy(FIXTURE / "tokenizer.model", snapshot / "tokenizer.model")
+    (snapshot / "config.json").write_text(json.dumps({"moai_structure": {"image_size": 28}}))
+    cache = str(tmp_path / "cache")
+    from moai_sdk.hub import HubOptions
+
+    by_options = MoAIProcessor.from_pretrained("someone/tiny", hub=HubOptions(cache_dir=cache, local_files_only=True))
+    by_keywords = MoAIProcessor.from_pretrained("someone/tiny", cache_dir=cache, local_files_only=True)
+    assert by_options.image_size == by_keywords.image_size == 28
+
+
+def test_load_images_resizes_by_default_and_checks_exact_sizes(proc: MoAIProcessor) -> None:
+    small = np.zeros((20, 30, 3), np.uint8)
+    assert proc.load_images([small]).shape == (1, 3, 490, 490)
+    rgba = np.random.default_rng(0).integers(0, 256, (490, 490, 4), dtype=np.uint8)
+    exact = proc.load_images([rgba], resize=False)
+    assert exact.shape == (1, 3, 490, 490) and torch.equal(exact[0], torch.from_numpy(rgba[..., :3]).permute(2, 0, 1))
+    with pytest.raises(InputError, match="image 1 is 480x470 but resize=False needs exactly 490x490"):
+        proc.load_images([rgba, np.zeros((470, 480, 3), np.uint8)], resize=False)
+    with pytest.raises(InputError, match="^unsupported image type"):  # one image: the loader's own message
+        proc.load_images([{"not": "an image"}])
+    with pytest.raises(InputError, match="^image 1 of the batch: unsupported image type"):
+        proc.load_images([small, {"not": "an image"}])
+    with pytest.raises(InputError, match="normalize expects uint8 pixels; got torch.float32"):
+        proc.normalize(torch.zeros(1, 3, 490, 490))
+
+
+def test_panoptic_map_checks(proc: MoAIProcessor, tmp_path: Path) -> None:
+    white = np.ones((490, 490, 3))  # colour 1.0 is in range
+    assert proc.panoptic_map_array(white).max() == 1.0
+    rgb = np.random.default_rng(1).integers(0, 256, (490, 490, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, np.full((490, 490), 7, np.uint8)]), "RGBA").save(tmp_path / "map.png")
+    assert np.array_equal(proc.panoptic_map_array(tmp_path / "map.png"), rgb / 255.0)  # alpha dropped
+    bad = [
+        (torch.zeros(4, 490, 490), r"a torch panoptic map must be 3 x H x W; got shape \(4, 490, 490\)"),
+        (np.zeros((490, 490, 4)), r"a numpy panoptic map must be H x W x 3; got shape \(490, 490, 4\)"),
+        (
+            np.full((490, 490, 3), np.nan),
+            r"^a float panoptic map must hold colours in \[0, 1\]; for 0-255 values pass a uint8 array$",
+        ),
+        (np.full((490, 490, 3), 1.5), r"a float panoptic map must hold colours in \[0, 1\]"),
+        (np.zeros((480, 640, 3)), r"the panoptic map is 640x480 but must match the 490x490 frame the experts run on"),
+    ]
+    for value, message in bad:
+        with pytest.raises(InputError, match=message):
+            proc.panoptic_map_array(value)
+
+
+def test_call_argument_forms(proc: MoAIProcessor) -> None:
+    img = np.zeros((20, 30, 3), np.uint8)
+    out = proc([img, img], "hi", aux_texts=["a cat", None])
+    assert out.aux_texts == ["a cat", EMPTY_VERBALIZATION]  # None = the official empty verbalization
+    empty = proc([img], "hi")
+    assert out.aux_input_ids[1, -empty.aux_input_ids.shape[1] :].tolist() == empty.aux_input_ids[0].tolist()
+    # an aux text is text: a control string written in it is not a control token
+    aux = proc([img], "hi", aux_texts=["a </s> b"]).aux_input_ids[0].tolist()
+    assert aux == proc.tokenizer.encode_parts([("a </s> b", False)]) and proc.tokenizer.eos_token_id not in aux
+    # one panoptic map (not a list) for a single image; a batch needs a list
+    map0 = np.full((490, 490, 3), 0.5)
+    assert torch.equal(
+        proc(img, "hi", panoptic_maps=map0).panoptic_pixel_values,
+        proc(img, "hi", [None], [map0])["panoptic_pixel_values"],
+    )
+    with pytest.raises(InputError, match="pass a list of 2 panoptic maps"):
+        proc([img, img], "hi", panoptic_maps=map0)
+    for kwargs, message in (
+        (dict(prompts=["hi", None]), r"prompts\[1\] must be a str; got NoneType"),
+        (dict(prompts="hi", template=["chat", None]), r"template\[1\] must be a str; got NoneType"),
+        (dict(prompts="hi", template=["chat"] * 3), "got 3 template for 2 images"),
+        (dict(prompts=42), "prompts must be a str or a list of str; got int"),
+    ):
+        with pytest.raises(InputError, match=message):
+            proc([img, img], **kwargs)
+    with pytest.raises(InputError, match=r"template\[1\] must be a str; got NoneType"):
+        proc.prompt_lengths(["a", "b"], ["chat", None])
+    with pytest.raises(InputError, match="got 3 template for 2 images"):
+        proc.prompt_lengths(["a", "b"], ["chat"] * 3)
+    with pytest.raises(InputError, match="^no images given; MoAI needs exactly one image per prompt$"):
+        proc([], "hi")

@@ -288,10 +288,12 @@ def _draw(scores: torch.Tensor, params: SamplingParams, generator: Any) -> torch
 def seen_from_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, vocab] bool: the text tokens of each prompt (padding and the ``<image>`` placeholder left out), where a
     repetition penalty starts from."""
-    seen = torch.zeros(input_ids.shape[0], vocab, dtype=torch.bool, device=input_ids.device)
+    seen = torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device)
     valid = attention_mask.bool() & (input_ids < vocab) & (input_ids >= 0)
-    seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
-    return seen
+    # the left-out positions write into a spare last column: sent to id 0 they could clear a seen token 0 (the
+    # <image> placeholder follows the prompt's first text tokens)
+    seen.scatter_(1, torch.where(valid, input_ids, vocab), True)
+    return seen[:, :vocab].contiguous()
 
 
 def eos_ids(settings: Any, default_eos: int) -> list[int]:
