@@ -64,7 +64,52 @@ def image_urls(n: int) -> list[str]:
     return urls
 
 
-class ServerProcess:
+class MoaiProcess:
+    """``python -m moai_sdk.cli ARGS --port P`` in a subprocess on a free 127.0.0.1 port (output in ``log``), reached
+    at :attr:`base`; :meth:`wait_ready` waits for it to answer, :meth:`stop` ends it."""
+
+    def __init__(
+        self, args: Sequence[str], log: Path, startup_s: float = 600.0, env: Optional[dict[str, str]] = None
+    ) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.name = f"moai {args[0]}"
+        self.startup_s = startup_s
+        self.log_path = log
+        self._log = open(log, "wb")  # closed in stop()
+        cmd = [sys.executable, "-m", "moai_sdk.cli", *args, "--port", str(self.port)]
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
+
+    def wait_ready(self, path: str = "/") -> None:
+        """Return once ``path`` answers 200; stop the process and raise ``RuntimeError`` if it exits or is not
+        ready within ``startup_s``."""
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(self.base + path, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} was not ready within {self.startup_s:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+class ServerProcess(MoaiProcess):
     """``moai serve --tiny DIR`` in a subprocess (log in ``log``); ready when constructed, or after
     :meth:`wait_ready` with ``wait=False`` (to start something else while the server loads)."""
 
@@ -78,34 +123,16 @@ class ServerProcess:
         env: Optional[dict[str, str]] = None,
         wait: bool = True,
     ) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.startup_s = startup_s
-        cmd = [sys.executable, "-m", "moai_sdk.cli", "serve", "--tiny", str(tiny), "--port", str(self.port)]
-        cmd += ["--log-level", "warning", *flags]
-        self._log = open(log, "wb")  # closed in stop()
-        self.log_path = log
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        environment = dict(env or {})
         if threads:  # torch's intra-op threads (OpenMP) in the server
             environment["OMP_NUM_THREADS"] = str(threads)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
+        args = ["serve", "--tiny", str(tiny), "--log-level", "warning", *flags]
+        super().__init__(args, log, startup_s=startup_s, env=environment)
         if wait:
             self.wait_ready()
 
-    def wait_ready(self) -> None:
-        """Return once ``/health`` answers 200; raise (and stop the server) if it exits or is not ready in time."""
-        deadline = time.monotonic() + self.startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moai serve exited ({self.proc.returncode}); see {self.log_path}")
-            try:
-                if httpx.get(self.base + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"moai serve was not ready within {self.startup_s:.0f}s; see {self.log_path}")
+    def wait_ready(self, path: str = "/health") -> None:
+        super().wait_ready(path)
 
     def metrics(self) -> str:
         return httpx.get(self.base + "/metrics", timeout=30).text
@@ -115,16 +142,6 @@ class ServerProcess:
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 def metric(text: str, name: str) -> float:

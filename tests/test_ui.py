@@ -13,15 +13,12 @@ Ablate (the README's docs/images/ui.png is the same page under ``moai ui --tiny 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+from benchmarks.serve import MoaiProcess, ServerProcess
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -64,46 +61,16 @@ def no_network(monkeypatch):
     allow_loopback_only(monkeypatch)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class UIProcess:
+class UIProcess(MoaiProcess):
     """``moai ui ...`` in a subprocess on 127.0.0.1 (log in ``log``); a failed start fails the test with the log."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "moai_sdk.cli", "ui", *args, "--port", str(self.port)]
-        self._out = open(log, "wb")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                pytest.fail(f"moai ui exited ({self.proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"moai ui was not ready within {STARTUP_S}s:\n{log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
+        super().__init__(["ui", *args], log, startup_s=STARTUP_S)
+        self.url = self.base
+        try:
+            self.wait_ready("/")
+        except RuntimeError as exc:
+            pytest.fail(f"{exc}:\n{log.read_text()[-4000:]}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,8 +360,6 @@ def test_errors_are_messages_and_the_page_stays_usable(page, pipe, pictures):
 @pytest.mark.slow  # the playground in process is tested above; this adds a second server process
 @browser_only
 def test_server_mode_answers_through_moai_serve_and_says_when_it_is_down(browser, pipe, tiny_dir, pictures, tmp_path):
-    from benchmarks.serve import ServerProcess
-
     # both processes load at once (the playground does not ask the server anything until a question is asked)
     served = ServerProcess(tiny_dir, tmp_path / "serve.log", ["--max-batch-size", "1"], startup_s=STARTUP_S, wait=False)
     front = None
